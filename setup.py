@@ -1,0 +1,32 @@
+"""medim_jax: unified medical image + report discrete diffusion in JAX/Flax."""
+
+from setuptools import find_packages, setup
+
+setup(
+    name="medim_jax",
+    version="0.1.0",
+    description="MeDiM in JAX/Flax NNX: masked discrete diffusion over joint image and report tokens.",
+    packages=find_packages(include=["medim_jax", "medim_jax.*"]),
+    python_requires=">=3.11",
+    install_requires=[
+        # jax 0.10.2 is the newest wheel for Python 3.11; 0.12 needs Python >= 3.12.
+        "jax>=0.10.2,<0.13",
+        "flax>=0.12.8,<0.13",
+        "optax>=0.2.8,<0.3",
+        "orbax-checkpoint>=0.12.8,<0.13",
+        "grain>=0.2.18,<0.3",
+        "ml-collections>=1.1.0,<1.2",
+        "sentencepiece>=0.2.0,<0.3",
+        "transformers>=5.0,<6",
+        "numpy>=1.26",
+        "pillow>=10",
+        "tqdm>=4.66",
+        "tensorboardX>=2.6",
+        "absl-py>=2.1",
+    ],
+    extras_require={
+        "dev": ["pytest>=8", "pytest-timeout>=2.3"],
+        "gpu": ["jax[cuda12]>=0.10.2,<0.13"],
+        "tpu": ["jax[tpu]>=0.10.2,<0.13"],
+    },
+)

@@ -1,0 +1,251 @@
+"""Generation: one jitted loop that unmasks tokens step by step.
+
+The task is only a matter of which positions start as MASK: report->image masks the image
+segment, image->report the text segment, joint both (optionally keeping a report prompt), and
+infilling any other pattern. Positions that are not MASK at the start are the condition and are
+never changed; a revealed token is never changed again.
+
+Strategies:
+- ``confidence``: the original MeDiM/MaskGIT sampler. At each step a token is drawn at every
+  masked position; ``log p(token) + gumbel_scale * t * Gumbel`` ranks them, and the top-k of each
+  segment are revealed, k following a reveal schedule (arccos, cosine or linear).
+- ``ancestral``: MDLM/MD4. Each masked position is revealed with probability
+  ``(alpha(s) - alpha(t)) / (1 - alpha(t))`` when time moves from t to s.
+
+Image and text segments may use their own step counts: both run in one loop of
+``max(steps)`` iterations, each segment's reveals spread evenly over it.
+
+Randomness is per example: the key of example ``i`` at step ``j`` is
+``fold_in(fold_in(PRNGKey(seed), example_id[i]), j)``, so a sample does not depend on the batch
+it is generated in. Non-finite model outputs are recorded per example and raised by
+:func:`check_finite` (called by :class:`Sampler`), never silently zeroed.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+from typing import Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from medim_jax.diffusion import loss as loss_lib
+from medim_jax.diffusion.schedules import MaskingSchedule
+from medim_jax.tokenizers.vocab import IMAGE, MODALITY_NAMES, TEXT, TokenLayout
+
+STRATEGIES = ("confidence", "ancestral")
+REVEAL_SCHEDULES = ("arccos", "cosine", "linear")
+
+
+@dataclasses.dataclass(frozen=True)
+class SamplerConfig:
+  strategy: str = "confidence"
+  text_steps: int = 128
+  image_steps: int = 128
+  reveal_schedule: str = "arccos"      # confidence: how many tokens each step reveals
+  cfg_scale: float = 5.0               # 0 disables classifier-free guidance
+  cfg_ramp: bool = True                # w(t) = cfg_scale * (1 - t) as in the original; else constant
+  gumbel_scale: float = 10.0           # confidence noise = gumbel_scale * t * Gumbel (original: 10)
+  temperature: float = 1.0             # of the token draw
+  time_input: str = "mask_ratio"       # "mask_ratio": sigma from the actual masked fraction; "nominal"
+  final_t: float = 1e-5
+
+  def __post_init__(self):
+    if self.strategy not in STRATEGIES:
+      raise ValueError(f"sampler strategy must be one of {STRATEGIES}, got {self.strategy!r}")
+    if self.reveal_schedule not in REVEAL_SCHEDULES:
+      raise ValueError(f"reveal_schedule must be one of {REVEAL_SCHEDULES}, got {self.reveal_schedule!r}")
+    if self.time_input not in ("mask_ratio", "nominal"):
+      raise ValueError(f"time_input must be 'mask_ratio' or 'nominal', got {self.time_input!r}")
+    if min(self.text_steps, self.image_steps) < 1:
+      raise ValueError("text_steps and image_steps must be >= 1")
+    if self.temperature <= 0:
+      raise ValueError(f"temperature must be positive, got {self.temperature}")
+
+  @classmethod
+  def from_config(cls, cfg) -> "SamplerConfig":
+    names = {f.name for f in dataclasses.fields(cls)}
+    return cls(**{k: cfg[k] for k in names if k in cfg})
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class SampleOutput:
+  tokens: jax.Array          # (B, L) int32, no MASK left
+  reveal_step: jax.Array     # (B, L) int32: loop step that revealed the position; -1 if given;
+                             # num_steps if filled by the final argmax pass
+  nonfinite_step: jax.Array  # (B,) int32: first step with a non-finite model output, -1 if none
+
+
+def cumulative_reveal_fraction(schedule: str, steps: int) -> np.ndarray:
+  """(steps + 1,) fraction of a segment's masked tokens revealed after k of its steps (0 -> 1)."""
+  k = np.arange(steps + 1, dtype=np.float64)
+  if schedule == "linear":
+    frac = k / steps
+  elif schedule == "cosine":  # MaskGIT: mask ratio cos(pi/2 * k/steps)
+    frac = 1.0 - np.cos(0.5 * math.pi * k / steps)
+  elif schedule == "arccos":  # the original: per-step share proportional to arccos(r), r: 1 -> 0
+    share = np.arccos(np.linspace(1.0, 0.0, steps + 1)[1:]) / (0.5 * math.pi)
+    frac = np.concatenate([[0.0], np.cumsum(share) / share.sum()])
+  else:
+    raise ValueError(f"unknown reveal schedule {schedule!r}")
+  frac[-1] = 1.0
+  return frac.astype(np.float32)
+
+
+def example_keys(seed: jax.Array, example_ids: jax.Array, step) -> jax.Array:
+  base = jax.random.PRNGKey(seed)
+  return jax.vmap(lambda i: jax.random.fold_in(jax.random.fold_in(base, i), step))(example_ids)
+
+
+class Sampler:
+  """Builds the jitted sampling loop once for a model and reuses it across calls.
+
+  ``apply_fn(params, tokens (B, L), sigma (B,)) -> logits (B, L, V)`` in float32.
+  """
+
+  def __init__(self, apply_fn: Callable, layout: TokenLayout, schedule: MaskingSchedule,
+               config: SamplerConfig):
+    self.apply_fn = apply_fn
+    self.layout = layout
+    self.schedule = schedule
+    self.config = config
+    self._jitted = jax.jit(self._sample, static_argnames=("segment_steps",))
+
+  def steps_for(self, tokens: np.ndarray) -> tuple[int, int]:
+    """Step count per segment (text, image); 0 for a segment with nothing to generate."""
+    has_mask = [bool((tokens[:, sl] == self.layout.mask_id).any())
+                for sl in (self.layout.text_slice, self.layout.image_slice)]
+    steps = (self.config.text_steps, self.config.image_steps)
+    return tuple(s if m else 0 for s, m in zip(steps, has_mask))
+
+  def __call__(self, params, tokens, example_ids, seed: int = 0) -> SampleOutput:
+    tokens = np.asarray(tokens, np.int32)
+    example_ids = np.asarray(example_ids, np.int32)
+    if tokens.ndim != 2 or tokens.shape[1] != self.layout.seq_length:
+      raise ValueError(f"tokens must have shape (batch, {self.layout.seq_length}), got {tokens.shape}")
+    if example_ids.shape != tokens.shape[:1]:
+      raise ValueError(f"example_ids must have shape {tokens.shape[:1]}, got {example_ids.shape}")
+    self._check_given_tokens(tokens)
+    out = self._jitted(params, jnp.asarray(tokens), jnp.asarray(example_ids), jnp.asarray(seed),
+                       segment_steps=self.steps_for(tokens))
+    check_finite(out, example_ids)
+    return out
+
+  def _check_given_tokens(self, tokens):
+    lo, hi = self.layout.allowed_id_range()
+    given = tokens != self.layout.mask_id
+    bad = given & ((tokens < lo[None]) | (tokens >= hi[None]))
+    if bad.any():
+      row, pos = np.argwhere(bad)[0]
+      raise ValueError(f"conditioning token {tokens[row, pos]} at row {row}, position {pos} is not a "
+                       f"{MODALITY_NAMES[self.layout.modality()[pos]]} id (allowed [{lo[pos]}, {hi[pos]}))")
+
+  # -- the jitted loop ------------------------------------------------------------------------
+
+  def _guided_log_probs(self, params, x, given, sigma, t):
+    """Restricted log-probabilities with classifier-free guidance; also a per-row non-finite flag."""
+    cfg = self.config
+    if cfg.cfg_scale > 0:
+      unconditional = jnp.where(given, self.layout.mask_id, x)
+      logits = self.apply_fn(params, jnp.concatenate([x, unconditional]), jnp.concatenate([sigma, sigma]))
+      cond_logits, uncond_logits = jnp.split(logits, 2)
+      w = (cfg.cfg_scale * (1.0 - t) if cfg.cfg_ramp else jnp.full_like(t, cfg.cfg_scale))[:, None, None]
+      logits = (1.0 + w) * cond_logits - w * uncond_logits
+    else:
+      logits = self.apply_fn(params, x, sigma)
+    nonfinite = ~jnp.all(jnp.isfinite(logits), axis=(1, 2))
+    restricted = loss_lib.restrict_logits(logits / cfg.temperature, self.layout)
+    return jax.nn.log_softmax(restricted, axis=-1), nonfinite
+
+  def _sigma(self, x, generate, t):
+    if self.config.time_input == "nominal":
+      return self.schedule.sigma(t)
+    # The masked fraction of the generated region is what training conditioned on.
+    masked_fraction = (x == self.layout.mask_id).sum(1) / jnp.maximum(generate.sum(1), 1)
+    alpha = jnp.maximum(1.0 - masked_fraction, self.schedule.alpha(1.0))
+    return -jnp.log(alpha)
+
+  def _sample(self, params, tokens, example_ids, seed, *, segment_steps):
+    cfg, layout = self.config, self.layout
+    batch, length = tokens.shape
+    num_steps = max(segment_steps)
+    generate = tokens == layout.mask_id
+    given = ~generate
+    modality = jnp.asarray(layout.modality())
+    in_segment = [modality == TEXT, modality == IMAGE]
+    initial_masked = [jnp.sum(generate & seg[None], axis=1) for seg in in_segment]  # (B,) each
+    fractions = [jnp.asarray(cumulative_reveal_fraction(cfg.reveal_schedule, max(s, 1)))
+                 for s in segment_steps]
+
+    def segment_progress(step, seg):
+      """Steps of the segment's own schedule completed before and after loop step ``step``."""
+      s = segment_steps[seg]
+      return (step * s) // num_steps, ((step + 1) * s) // num_steps
+
+    def body(step, carry):
+      x, reveal_step, nonfinite_step = carry
+      t = jnp.full((batch,), 1.0 - step / num_steps * (1.0 - cfg.final_t), jnp.float32)
+      masked = x == layout.mask_id
+      log_probs, nonfinite = self._guided_log_probs(params, x, given, self._sigma(x, generate, t), t)
+      nonfinite_step = jnp.where(nonfinite & (nonfinite_step < 0), step, nonfinite_step)
+
+      keys = example_keys(seed, example_ids, step)
+      draw_keys, noise_keys = jnp.split(jax.vmap(jax.random.split)(keys), 2, axis=1)
+      sampled = jax.vmap(jax.random.categorical)(draw_keys[:, 0], log_probs)  # (B, L)
+      noise_fn = jax.random.gumbel if cfg.strategy == "confidence" else jax.random.uniform
+      noise = jax.vmap(lambda k: noise_fn(k, (length,)))(noise_keys[:, 0])
+
+      reveal = jnp.zeros_like(masked)
+      for seg, seg_mask in enumerate(in_segment):
+        if segment_steps[seg] == 0:
+          continue
+        done_before, done_after = segment_progress(step, seg)
+        candidates = masked & seg_mask[None]
+        if cfg.strategy == "confidence":
+          target = jnp.maximum(jnp.round(initial_masked[seg] * fractions[seg][done_after]),
+                               jnp.minimum(done_after, initial_masked[seg])).astype(jnp.int32)
+          count = target - (initial_masked[seg] - candidates.sum(1))
+          chosen = jnp.take_along_axis(log_probs, sampled[..., None], axis=-1)[..., 0]
+          confidence = jnp.where(candidates, chosen + cfg.gumbel_scale * t[:, None] * noise, -jnp.inf)
+          rank = jnp.argsort(jnp.argsort(-confidence, axis=1, stable=True), axis=1)
+          reveal |= candidates & (rank < count[:, None])
+        else:
+          s_now = 1.0 - done_before / segment_steps[seg]
+          s_next = 1.0 - done_after / segment_steps[seg]
+          alpha_now, alpha_next = self.schedule.alpha(s_now), self.schedule.alpha(s_next)
+          unmask_prob = (alpha_next - alpha_now) / (1.0 - alpha_now)
+          reveal |= candidates & (noise < unmask_prob)
+
+      x = jnp.where(reveal, sampled, x)
+      reveal_step = jnp.where(reveal, step, reveal_step)
+      return x, reveal_step, nonfinite_step
+
+    init = (tokens, jnp.where(given, -1, num_steps).astype(jnp.int32), jnp.full((batch,), -1, jnp.int32))
+    x, reveal_step, nonfinite_step = jax.lax.fori_loop(0, num_steps, body, init)
+
+    def final_fill(x, nonfinite_step):
+      """Argmax at t ~ 0 for whatever is still masked (e.g. ancestral with alpha(0) < 1)."""
+      t = jnp.full((batch,), cfg.final_t, jnp.float32)
+      log_probs, nonfinite = self._guided_log_probs(params, x, given, self._sigma(x, generate, t), t)
+      nonfinite_step = jnp.where(nonfinite & (nonfinite_step < 0), num_steps, nonfinite_step)
+      return jnp.where(x == layout.mask_id, jnp.argmax(log_probs, -1), x), nonfinite_step
+
+    x, nonfinite_step = jax.lax.cond(jnp.any(x == layout.mask_id), final_fill,
+                                     lambda x, n: (x, n), x, nonfinite_step)
+    return SampleOutput(tokens=x.astype(jnp.int32), reveal_step=reveal_step,
+                        nonfinite_step=nonfinite_step)
+
+
+def check_finite(out: SampleOutput, example_ids) -> None:
+  steps = np.asarray(out.nonfinite_step)
+  bad = np.flatnonzero(steps >= 0)
+  if bad.size:
+    listing = ", ".join(f"example {int(example_ids[i])} at step {int(steps[i])}" for i in bad[:8])
+    raise FloatingPointError(
+        f"the model produced NaN/Inf logits while sampling ({listing}"
+        f"{', ...' if bad.size > 8 else ''}); the samples would be garbage, so none are returned. "
+        "Check the checkpoint (a diverged run?) and the compute dtype (try float32).")

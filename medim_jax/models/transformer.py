@@ -1,0 +1,166 @@
+"""The MeDiM backbone: a Gemma-style transformer with full (non-causal) attention and AdaLN-zero.
+
+The model maps noisy tokens x_t (B, L) and the noise level sigma(t) (B,) to float32 logits over
+the joint vocabulary (B, L, V). Restricting those logits per position (text slots -> text ids,
+image slots -> image ids, never MASK) is the job of ``diffusion.loss.restrict_logits``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from medim_jax.models import conditioning, layers
+
+_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
+
+
+@dataclasses.dataclass(frozen=True)
+class TransformerConfig:
+  vocab_size: int
+  d_model: int
+  num_layers: int
+  num_heads: int
+  num_kv_heads: int
+  head_dim: int
+  mlp_dim: int
+  rope_base: float = 10_000.0
+  norm_eps: float = 1e-6
+  time_frequency_dim: int = 256
+  time_max_period: float = 10_000.0
+  time_scale: float = 1.0
+  tie_embeddings: bool = True
+  adaln_gate_init: str = "zero"
+  init_std: float = 0.02
+  dtype: str = "float32"
+  attention_impl: str = "xla"
+
+  def __post_init__(self):
+    if self.num_heads % self.num_kv_heads:
+      raise ValueError(f"num_heads ({self.num_heads}) must be a multiple of num_kv_heads "
+                       f"({self.num_kv_heads})")
+    if self.dtype not in _DTYPES:
+      raise ValueError(f"model dtype must be one of {sorted(_DTYPES)}, got {self.dtype!r}")
+    if self.attention_impl not in ("xla", "jax_dot_product"):
+      raise ValueError(f"attention_impl must be 'xla' or 'jax_dot_product', got {self.attention_impl!r}")
+
+  @classmethod
+  def from_config(cls, model_config, vocab_size: int) -> "TransformerConfig":
+    fields = {f.name for f in dataclasses.fields(cls)} - {"vocab_size"}
+    return cls(vocab_size=vocab_size, **{k: model_config[k] for k in fields if k in model_config})
+
+  @property
+  def compute_dtype(self):
+    return _DTYPES[self.dtype]
+
+
+class Attention(nnx.Module):
+  """Multi-head attention (grouped KV heads optional), RoPE, float32 softmax, key-padding mask only."""
+
+  def __init__(self, cfg: TransformerConfig, *, rngs: nnx.Rngs):
+    self.cfg = cfg
+    d, h, kv, hd = cfg.d_model, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+    self.q = layers.normal_param(rngs, (d, h, hd), cfg.init_std, ("embed", "heads", "head_dim"))
+    self.k = layers.normal_param(rngs, (d, kv, hd), cfg.init_std, ("embed", "kv_heads", "head_dim"))
+    self.v = layers.normal_param(rngs, (d, kv, hd), cfg.init_std, ("embed", "kv_heads", "head_dim"))
+    self.o = layers.normal_param(rngs, (h, hd, d), cfg.init_std, ("heads", "head_dim", "embed"))
+
+  def __call__(self, x: jax.Array, positions: jax.Array, key_mask: jax.Array | None) -> jax.Array:
+    cfg, dtype = self.cfg, self.cfg.compute_dtype
+    q = jnp.einsum("bld,dhk->blhk", x, self.q.value.astype(dtype))
+    k = jnp.einsum("bld,dhk->blhk", x, self.k.value.astype(dtype))
+    v = jnp.einsum("bld,dhk->blhk", x, self.v.value.astype(dtype))
+    q = layers.rotary_embedding(q, positions, cfg.rope_base)
+    k = layers.rotary_embedding(k, positions, cfg.rope_base)
+    if cfg.attention_impl == "jax_dot_product":
+      mask = None if key_mask is None else key_mask[:, None, None, :]
+      out = jax.nn.dot_product_attention(q, k, v, mask=mask)
+    else:
+      out = self._xla_attention(q, k, v, key_mask)
+    return jnp.einsum("blhk,hkd->bld", out, self.o.value.astype(dtype))
+
+  def _xla_attention(self, q, k, v, key_mask):
+    cfg = self.cfg
+    batch, length = q.shape[:2]
+    groups = cfg.num_heads // cfg.num_kv_heads
+    q = q.reshape(batch, length, cfg.num_kv_heads, groups, cfg.head_dim)
+    scores = jnp.einsum("bqhgk,bshk->bhgqs", q, k, preferred_element_type=jnp.float32)
+    scores = scores / math.sqrt(cfg.head_dim)
+    if key_mask is not None:
+      scores = jnp.where(key_mask[:, None, None, None, :], scores, jnp.finfo(jnp.float32).min)
+    probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
+    out = jnp.einsum("bhgqs,bshk->bqhgk", probs, v)
+    return out.reshape(batch, length, cfg.num_heads, cfg.head_dim)
+
+
+class GeGLU(nnx.Module):
+  """``down(gelu_tanh(gate(x)) * up(x))`` without biases."""
+
+  def __init__(self, cfg: TransformerConfig, *, rngs: nnx.Rngs):
+    self.gate = layers.Dense(cfg.d_model, cfg.mlp_dim, ("embed", "mlp"), cfg.init_std, rngs=rngs)
+    self.up = layers.Dense(cfg.d_model, cfg.mlp_dim, ("embed", "mlp"), cfg.init_std, rngs=rngs)
+    self.down = layers.Dense(cfg.mlp_dim, cfg.d_model, ("mlp", "embed"), cfg.init_std, rngs=rngs)
+
+  def __call__(self, x: jax.Array, dtype) -> jax.Array:
+    return self.down(jax.nn.gelu(self.gate(x, dtype), approximate=True) * self.up(x, dtype), dtype)
+
+
+class Block(nnx.Module):
+  """``h = x + g_a * Attn(norm(x)(1+s_a)+b_a)``; ``y = h + g_m * MLP(norm(h)(1+s_m)+b_m)``."""
+
+  def __init__(self, cfg: TransformerConfig, *, rngs: nnx.Rngs):
+    self.cfg = cfg
+    self.attn_norm = layers.RMSNorm(cfg.d_model, cfg.norm_eps)
+    self.attn = Attention(cfg, rngs=rngs)
+    self.mlp_norm = layers.RMSNorm(cfg.d_model, cfg.norm_eps)
+    self.mlp = GeGLU(cfg, rngs=rngs)
+    self.adaln = conditioning.AdaLNModulation(cfg.d_model, cfg.adaln_gate_init, rngs=rngs)
+
+  def __call__(self, x, cond, positions, key_mask):
+    dtype = self.cfg.compute_dtype
+    shift_a, scale_a, gate_a, shift_m, scale_m, gate_m = self.adaln(cond, dtype)
+    h = x + gate_a * self.attn(self.attn_norm(x) * (1 + scale_a) + shift_a, positions, key_mask)
+    return h + gate_m * self.mlp(self.mlp_norm(h) * (1 + scale_m) + shift_m, dtype)
+
+
+class MeDiMTransformer(nnx.Module):
+  """Noisy tokens (B, L) + sigma (B,) -> float32 logits (B, L, vocab_size)."""
+
+  def __init__(self, cfg: TransformerConfig, *, rngs: nnx.Rngs):
+    self.cfg = cfg
+    self.embedding = layers.normal_param(rngs, (cfg.vocab_size, cfg.d_model), cfg.init_std,
+                                         ("vocab", "embed"))
+    self.time_embedder = conditioning.TimestepEmbedder(
+        cfg.d_model, cfg.time_frequency_dim, cfg.time_max_period, cfg.time_scale, cfg.init_std,
+        rngs=rngs)
+    self.blocks = nnx.List([Block(cfg, rngs=rngs) for _ in range(cfg.num_layers)])
+    self.final_norm = layers.RMSNorm(cfg.d_model, cfg.norm_eps)
+    self.lm_head = (None if cfg.tie_embeddings else
+                    layers.normal_param(rngs, (cfg.d_model, cfg.vocab_size), cfg.init_std,
+                                        ("embed", "vocab")))
+
+  def embed(self, tokens: jax.Array) -> jax.Array:
+    dtype = self.cfg.compute_dtype
+    x = jnp.take(self.embedding.value, tokens, axis=0).astype(dtype)
+    return x * jnp.asarray(math.sqrt(self.cfg.d_model), dtype)
+
+  def __call__(self, tokens: jax.Array, sigma: jax.Array,
+               key_mask: jax.Array | None = None) -> jax.Array:
+    """tokens (B, L) int, sigma (B,) float, key_mask (B, L) bool of keys to attend (None: all)."""
+    dtype = self.cfg.compute_dtype
+    positions = jnp.arange(tokens.shape[1])
+    cond = self.time_embedder(sigma, dtype)
+    x = self.embed(tokens)
+    for block in self.blocks:
+      x = block(x, cond, positions, key_mask)
+    x = self.final_norm(x)
+    head = self.embedding.value.T if self.lm_head is None else self.lm_head.value
+    return jnp.dot(x, head.astype(dtype), preferred_element_type=jnp.float32)
+
+
+def count_params(params) -> int:
+  return sum(x.size for x in jax.tree.leaves(params))

@@ -1,0 +1,92 @@
+"""Every knob of medim_jax, with its default and what it means. Other configs start from this one.
+
+Usage: ``python -m medim_jax.main --config configs/base.py --workdir DIR``; any key can be
+overridden with ``--config.train.num_steps=100``. The config is locked: unknown keys are errors.
+"""
+
+import ml_collections
+
+
+def get_config(arg=None):
+  del arg
+  config = ml_collections.ConfigDict()
+  config.seed = 42
+
+  # Data: which paired image+report set feeds training, and its token layout.
+  config.data = ml_collections.ConfigDict()
+  config.data.name = "smoke"            # smoke: procedural shapes + sentences, made in memory
+  config.data.num_train = 4096
+  config.data.num_eval = 256
+  config.data.image_size = 32           # pixels; smoke images are an 8x8 grid of 4-pixel cells
+  config.data.text_length = 10          # report tokens, EOS and padding included
+
+  # Backbone: a Gemma-style transformer without the causal mask (see configs/medim_liquid7b.py).
+  config.model = ml_collections.ConfigDict()
+  config.model.d_model = 128
+  config.model.num_layers = 4
+  config.model.num_heads = 4
+  config.model.num_kv_heads = 4         # < num_heads gives grouped-query attention
+  config.model.head_dim = 32
+  config.model.mlp_dim = 512
+  config.model.rope_base = 10_000.0
+  config.model.norm_eps = 1e-6
+  config.model.time_frequency_dim = 256
+  config.model.time_max_period = 10_000.0
+  config.model.time_scale = 1.0         # multiplies sigma before the sinusoid (1.0 = original)
+  config.model.tie_embeddings = True    # LM head = token embedding, as in the original
+  config.model.adaln_gate_init = "zero"  # "zero": AdaLN-zero; "open": gate bias 1 (pretrained active)
+  config.model.init_std = 0.02
+  config.model.dtype = "float32"        # compute dtype; params and optimizer state stay float32
+  config.model.attention_impl = "xla"   # "xla" (einsum, f32 softmax) | "jax_dot_product" (cuDNN on GPU)
+
+  # Diffusion: forward process and loss.
+  config.diffusion = ml_collections.ConfigDict()
+  config.diffusion.schedule = "loglinear"  # loglinear (paper) | linear | cosine
+  config.diffusion.eps = 1e-3
+  config.diffusion.t_min = 1e-3         # times are stratified over the batch in [t_min, 1]
+  config.diffusion.task_probs = ml_collections.ConfigDict(dict(
+      joint=0.6, report_to_image=0.15, image_to_report=0.15, drop_report=0.05, drop_image=0.05))
+  config.diffusion.keep_prompt_prob = 0.1  # joint task: keep the report's prompt clean
+  config.diffusion.text_loss_weight = 1.0
+  config.diffusion.image_loss_weight = 1.0
+
+  # Optimisation.
+  config.train = ml_collections.ConfigDict()
+  config.train.batch_size = 32
+  config.train.num_steps = 1000
+  config.train.learning_rate = 1e-3
+  config.train.end_learning_rate_fraction = 0.1  # cosine decays to this fraction of the peak
+  config.train.warmup_steps = 50
+  config.train.b1 = 0.9
+  config.train.b2 = 0.999
+  config.train.adam_eps = 1e-8
+  config.train.weight_decay = 0.0
+  config.train.grad_clip_norm = 1.0
+  config.train.ema_decay = 0.0          # 0 disables EMA; sampling uses EMA params when enabled
+  config.train.log_every = 50
+  config.train.eval_every = 250
+  config.train.num_eval_batches = 4
+  config.train.checkpoint_every = 500
+  config.train.max_checkpoints_to_keep = 3
+  # jax 0.10.2 CPU collectives can deadlock with several devices unless each step is synced.
+  config.train.sync_every_step = "auto"  # "auto" (CPU with >1 device) | "always" | "never"
+
+  # Sampling.
+  config.sample = ml_collections.ConfigDict()
+  config.sample.strategy = "confidence"  # confidence (original, MaskGIT-style) | ancestral (MDLM)
+  config.sample.text_steps = 128
+  config.sample.image_steps = 128
+  config.sample.reveal_schedule = "arccos"  # arccos (original) | cosine | linear
+  config.sample.cfg_scale = 5.0
+  config.sample.cfg_ramp = True         # w(t) = cfg_scale * (1 - t), as in the original
+  config.sample.gumbel_scale = 10.0
+  config.sample.temperature = 1.0
+  config.sample.time_input = "mask_ratio"  # mask_ratio | nominal (original)
+  config.sample.final_t = 1e-5
+  config.sample.tasks = "report_to_image,image_to_report,joint"
+  config.sample.num_examples = 64       # per task, from the eval split
+  config.sample.batch_size = 64
+  config.sample.seed = 0
+  config.sample.use_ema = True
+
+  return config

@@ -1,0 +1,218 @@
+"""Training: state, jitted step, and the loop with logging, validation and checkpoints."""
+
+from __future__ import annotations
+
+import functools
+import json
+import os
+import time
+from typing import Any
+
+import flax
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import tqdm
+from flax import nnx
+
+from medim_jax import checkpointing
+from medim_jax.data import base as data_base
+from medim_jax.diffusion import corruption, loss as loss_lib, schedules
+from medim_jax.models import transformer
+from medim_jax.tokenizers.vocab import TokenLayout
+
+
+@flax.struct.dataclass
+class TrainState:
+  step: jax.Array
+  params: Any          # pure dict of float32 arrays
+  opt_state: Any
+  ema_params: Any      # same structure as params, or None when EMA is off
+  rng: jax.Array       # raw uint32 key; the step key is fold_in(rng, step)
+
+
+class Model:
+  """The backbone as a pure function of a params dict: ``apply(params, tokens, sigma, key_mask)``."""
+
+  def __init__(self, config, layout: TokenLayout):
+    self.config = transformer.TransformerConfig.from_config(config.model, layout.vocab_size)
+    abstract = nnx.eval_shape(lambda: transformer.MeDiMTransformer(self.config, rngs=nnx.Rngs(0)))
+    self.graphdef, abstract_state = nnx.split(abstract)
+    self.abstract_params = nnx.to_pure_dict(abstract_state)
+    self.logical_axes = jax.tree.map(
+        lambda v: v.get_metadata().get("logical_axes"), abstract_state,
+        is_leaf=lambda x: isinstance(x, nnx.Variable))
+
+  def init(self, seed: int):
+    model = transformer.MeDiMTransformer(self.config, rngs=nnx.Rngs(seed))
+    return nnx.to_pure_dict(nnx.state(model))
+
+  def apply(self, params, tokens, sigma, key_mask=None):
+    return nnx.merge(self.graphdef, params)(tokens, sigma, key_mask)
+
+
+def make_optimizer(train_config):
+  learning_rate = optax.warmup_cosine_decay_schedule(
+      init_value=0.0, peak_value=train_config.learning_rate,
+      warmup_steps=train_config.warmup_steps,
+      decay_steps=max(train_config.num_steps, train_config.warmup_steps + 1),
+      end_value=train_config.learning_rate * train_config.end_learning_rate_fraction)
+  tx = optax.chain(
+      optax.clip_by_global_norm(train_config.grad_clip_norm),
+      optax.adamw(learning_rate, b1=train_config.b1, b2=train_config.b2, eps=train_config.adam_eps,
+                  weight_decay=train_config.weight_decay))
+  return tx, learning_rate
+
+
+class Trainer:
+  """Everything a run needs that follows from the config: model, optimizer, jitted steps."""
+
+  def __init__(self, config, layout: TokenLayout):
+    self.config, self.layout = config, layout
+    self.model = Model(config, layout)
+    self.schedule = schedules.get_schedule(config.diffusion.schedule, config.diffusion.eps)
+    self.task_mix = corruption.TaskMix.from_config(config.diffusion)
+    self.modality_weights = (config.diffusion.text_loss_weight, config.diffusion.image_loss_weight)
+    self.tx, self.learning_rate = make_optimizer(config.train)
+    self.train_step = jax.jit(self._train_step, donate_argnums=(0,))
+    self.eval_step = jax.jit(self._eval_step)
+
+  def init_state(self, seed: int) -> TrainState:
+    def init():
+      params = self.model.init(seed)
+      ema = params if self.config.train.ema_decay > 0 else None
+      return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=self.tx.init(params),
+                        ema_params=ema, rng=jax.random.PRNGKey(seed + 1))
+    return jax.jit(init)()
+
+  def abstract_state(self) -> TrainState:
+    return jax.eval_shape(lambda: self.init_state(0))
+
+  def _loss(self, params, batch, key):
+    time_key, mask_key = jax.random.split(key)
+    tokens = batch["tokens"]
+    t = schedules.stratified_times(time_key, tokens.shape[0], self.config.diffusion.t_min)
+    corrupted = corruption.corrupt(mask_key, tokens, batch["valid"], batch["prompt_length"], t,
+                                   self.schedule, self.layout, self.task_mix)
+    logits = self.model.apply(params, corrupted.noisy, self.schedule.sigma(t), batch["valid"])
+    return loss_lib.diffusion_loss(logits, tokens, corrupted, t, self.schedule, self.layout,
+                                   self.modality_weights)
+
+  def _train_step(self, state: TrainState, batch):
+    key = jax.random.fold_in(state.rng, state.step)
+    (_, metrics), grads = jax.value_and_grad(self._loss, has_aux=True)(state.params, batch, key)
+    updates, opt_state = self.tx.update(grads, state.opt_state, state.params)
+    params = optax.apply_updates(state.params, updates)
+    ema = state.ema_params
+    if ema is not None:
+      decay = self.config.train.ema_decay
+      ema = jax.tree.map(lambda e, p: decay * e + (1.0 - decay) * p, ema, params)
+    metrics = dict(metrics, grad_norm=optax.global_norm(grads),
+                   learning_rate=self.learning_rate(state.step))
+    return state.replace(step=state.step + 1, params=params, opt_state=opt_state, ema_params=ema), metrics
+
+  def _eval_step(self, params, batch, index):
+    # A fixed key per eval batch, so validation losses are comparable across steps and runs.
+    return self._loss(params, batch, jax.random.fold_in(jax.random.PRNGKey(0), index))[1]
+
+  def evaluate(self, params, batches) -> dict[str, float]:
+    totals = [self.eval_step(params, b, i) for i, b in enumerate(batches)]
+    return {k: float(np.mean([m[k] for m in totals])) for k in totals[0]}
+
+
+class MetricWriter:
+  """Log lines, a metrics.jsonl for plots, and TensorBoard event files, all under workdir."""
+
+  def __init__(self, workdir: str):
+    os.makedirs(workdir, exist_ok=True)
+    self.jsonl = open(os.path.join(workdir, "metrics.jsonl"), "a")
+    try:
+      from tensorboardX import SummaryWriter
+      self.tensorboard = SummaryWriter(os.path.join(workdir, "tensorboard"))
+    except ImportError:
+      self.tensorboard = None
+
+  def write(self, step: int, prefix: str, metrics: dict[str, float]) -> None:
+    self.jsonl.write(json.dumps({"step": step, "split": prefix, **metrics}) + "\n")
+    self.jsonl.flush()
+    if self.tensorboard is not None:
+      for name, value in metrics.items():
+        self.tensorboard.add_scalar(f"{prefix}/{name}", value, step)
+      self.tensorboard.flush()
+
+  def close(self) -> None:
+    self.jsonl.close()
+    if self.tensorboard is not None:
+      self.tensorboard.close()
+
+
+def _should_sync_every_step(setting: str) -> bool:
+  if setting == "auto":
+    return jax.default_backend() == "cpu" and jax.device_count() > 1
+  if setting in ("always", "never"):
+    return setting == "always"
+  raise ValueError(f"config.train.sync_every_step must be 'auto', 'always' or 'never', got {setting!r}")
+
+
+def _format(metrics: dict[str, float]) -> str:
+  keys = ("loss", "text_loss", "image_loss", "text_accuracy", "image_accuracy", "learning_rate",
+          "steps_per_s", "tokens_per_s")
+  return " ".join(f"{k}={metrics[k]:.4g}" for k in keys if k in metrics)
+
+
+def train_and_evaluate(config, workdir: str, dataset: data_base.PairedDataset | None = None,
+                       progress: bool = True) -> TrainState:
+  """Train (resuming from the latest checkpoint in workdir) up to config.train.num_steps."""
+  dataset = dataset or data_base.build_dataset(config)
+  train_cfg = config.train
+  trainer = Trainer(config, dataset.layout)
+  data_iter = dataset.train_iterator(train_cfg.batch_size, config.seed)
+  eval_batches = dataset.eval_batches(train_cfg.batch_size, train_cfg.num_eval_batches)
+  checkpointer = checkpointing.Checkpointer(os.path.join(workdir, "checkpoints"),
+                                            train_cfg.max_checkpoints_to_keep)
+  writer = MetricWriter(workdir)
+  sync = _should_sync_every_step(train_cfg.sync_every_step)
+
+  if checkpointer.latest_step() is not None:
+    state = checkpointer.restore(trainer.abstract_state(), data_iter)
+    print(f"Resumed from {checkpointer.directory}/{int(state.step)}")
+  else:
+    state = trainer.init_state(config.seed)
+    num_params = transformer.count_params(state.params)
+    print(f"New run: {num_params:,} parameters, sequence length {dataset.layout.seq_length}, "
+          f"vocabulary {dataset.layout.vocab_size}")
+  first_step = int(state.step)
+  tokens_per_batch = train_cfg.batch_size * dataset.layout.seq_length
+
+  bar = tqdm.tqdm(total=train_cfg.num_steps, initial=first_step, desc="train", unit="step",
+                  disable=not progress, dynamic_ncols=True)
+  window_start, window_steps, window_metrics = time.perf_counter(), 0, []
+  try:
+    for step in range(first_step + 1, train_cfg.num_steps + 1):
+      state, metrics = trainer.train_step(state, next(data_iter))
+      window_metrics.append(metrics)
+      window_steps += 1
+      if sync:
+        jax.block_until_ready(state)
+      bar.update(1)
+      if step % train_cfg.log_every == 0 or step == train_cfg.num_steps:
+        summary = {k: float(np.mean([m[k] for m in window_metrics])) for k in window_metrics[0]}
+        elapsed = time.perf_counter() - window_start
+        summary["steps_per_s"] = window_steps / elapsed
+        summary["tokens_per_s"] = window_steps * tokens_per_batch / elapsed
+        writer.write(step, "train", summary)
+        bar.set_postfix(loss=f"{summary['loss']:.3f}")
+        bar.write(f"step {step}: {_format(summary)}")
+        window_start, window_steps, window_metrics = time.perf_counter(), 0, []
+      if step % train_cfg.eval_every == 0 or step == train_cfg.num_steps:
+        eval_metrics = trainer.evaluate(state.params, eval_batches)
+        writer.write(step, "eval", eval_metrics)
+        bar.write(f"step {step} validation: {_format(eval_metrics)}")
+      if step % train_cfg.checkpoint_every == 0 or step == train_cfg.num_steps:
+        checkpointer.save(step, state, data_iter)
+  finally:
+    bar.close()
+    checkpointer.close()
+    writer.close()
+  return state

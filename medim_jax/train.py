@@ -5,6 +5,7 @@ from __future__ import annotations
 import functools
 import json
 import os
+import sys
 import time
 from typing import Any
 
@@ -36,7 +37,8 @@ class Model:
   """The backbone as a pure function of a params dict: ``apply(params, tokens, sigma, key_mask)``."""
 
   def __init__(self, config, layout: TokenLayout):
-    self.config = transformer.TransformerConfig.from_config(config.model, layout.vocab_size)
+    self.config = transformer.TransformerConfig.from_config(
+        config.model, layout.vocab_size, (layout.text_length, layout.image_length))
     abstract = nnx.eval_shape(lambda: transformer.MeDiMTransformer(self.config, rngs=nnx.Rngs(0)))
     self.graphdef, abstract_state = nnx.split(abstract)
     self.abstract_params = nnx.to_pure_dict(abstract_state)
@@ -186,7 +188,8 @@ def train_and_evaluate(config, workdir: str, dataset: data_base.PairedDataset | 
   tokens_per_batch = train_cfg.batch_size * dataset.layout.seq_length
 
   bar = tqdm.tqdm(total=train_cfg.num_steps, initial=first_step, desc="train", unit="step",
-                  disable=not progress, dynamic_ncols=True)
+                  disable=not progress, dynamic_ncols=True,
+                  mininterval=0.5 if sys.stderr.isatty() else 30.0)
   window_start, window_steps, window_metrics = time.perf_counter(), 0, []
   try:
     for step in range(first_step + 1, train_cfg.num_steps + 1):

@@ -249,3 +249,22 @@ def check_finite(out: SampleOutput, example_ids) -> None:
         f"the model produced NaN/Inf logits while sampling ({listing}"
         f"{', ...' if bad.size > 8 else ''}); the samples would be garbage, so none are returned. "
         "Check the checkpoint (a diverged run?) and the compute dtype (try float32).")
+
+
+GENERATION_TASKS = ("report_to_image", "image_to_report", "joint", "unconditional")
+
+
+def task_inputs(task: str, tokens: np.ndarray, prompt_length: np.ndarray,
+                layout: TokenLayout) -> np.ndarray:
+  """Mask the positions a task generates: the image, the report, all but the prompt, or everything."""
+  if task not in GENERATION_TASKS:
+    raise ValueError(f"unknown generation task {task!r}; choose from {GENERATION_TASKS}")
+  x = np.array(tokens, np.int32, copy=True)
+  if task in ("report_to_image", "joint", "unconditional"):
+    x[:, layout.image_slice] = layout.mask_id
+  if task == "image_to_report" or task == "unconditional":
+    x[:, layout.text_slice] = layout.mask_id
+  if task == "joint":
+    beyond_prompt = np.arange(layout.text_length)[None, :] >= np.asarray(prompt_length)[:, None]
+    x[:, layout.text_slice] = np.where(beyond_prompt, layout.mask_id, x[:, layout.text_slice])
+  return x

@@ -38,6 +38,10 @@ class TransformerConfig:
   init_std: float = 0.02
   dtype: str = "float32"
   attention_impl: str = "xla"
+  # Lengths of the sequence's segments (report, image). When set, a learned marker token is put
+  # before each segment: with rotary (relative) positions only, a fixed anchor is what lets a
+  # bidirectional model know where in the image a position is (the original's <boi>/<eoi> do this).
+  segment_lengths: tuple[int, ...] = ()
 
   def __post_init__(self):
     if self.num_heads % self.num_kv_heads:
@@ -49,9 +53,12 @@ class TransformerConfig:
       raise ValueError(f"attention_impl must be 'xla' or 'jax_dot_product', got {self.attention_impl!r}")
 
   @classmethod
-  def from_config(cls, model_config, vocab_size: int) -> "TransformerConfig":
-    fields = {f.name for f in dataclasses.fields(cls)} - {"vocab_size"}
-    return cls(vocab_size=vocab_size, **{k: model_config[k] for k in fields if k in model_config})
+  def from_config(cls, model_config, vocab_size: int,
+                  segment_lengths: tuple[int, ...]) -> "TransformerConfig":
+    fields = {f.name for f in dataclasses.fields(cls)} - {"vocab_size", "segment_lengths"}
+    return cls(vocab_size=vocab_size,
+               segment_lengths=tuple(segment_lengths) if model_config.segment_markers else (),
+               **{k: model_config[k] for k in fields if k in model_config})
 
   @property
   def compute_dtype(self):
@@ -138,6 +145,8 @@ class MeDiMTransformer(nnx.Module):
         cfg.d_model, cfg.time_frequency_dim, cfg.time_max_period, cfg.time_scale, cfg.init_std,
         rngs=rngs)
     self.blocks = nnx.List([Block(cfg, rngs=rngs) for _ in range(cfg.num_layers)])
+    self.markers = (layers.normal_param(rngs, (len(cfg.segment_lengths), cfg.d_model), cfg.init_std,
+                                        ("segment", "embed")) if cfg.segment_lengths else None)
     self.final_norm = layers.RMSNorm(cfg.d_model, cfg.norm_eps)
     self.lm_head = (None if cfg.tie_embeddings else
                     layers.normal_param(rngs, (cfg.d_model, cfg.vocab_size), cfg.init_std,
@@ -148,15 +157,41 @@ class MeDiMTransformer(nnx.Module):
     x = jnp.take(self.embedding.value, tokens, axis=0).astype(dtype)
     return x * jnp.asarray(math.sqrt(self.cfg.d_model), dtype)
 
+  def _insert_markers(self, x, key_mask):
+    """[seg_0 | seg_1 | ...] -> [m_0 seg_0 | m_1 seg_1 | ...]; markers are always attended to."""
+    if sum(self.cfg.segment_lengths) != x.shape[1]:
+      raise ValueError(f"sequence length {x.shape[1]} does not match the model's segments "
+                       f"{self.cfg.segment_lengths}")
+    batch = x.shape[0]
+    markers = self.markers.value.astype(x.dtype) * jnp.asarray(math.sqrt(self.cfg.d_model), x.dtype)
+    pieces, mask_pieces, start = [], [], 0
+    for i, length in enumerate(self.cfg.segment_lengths):
+      pieces += [jnp.broadcast_to(markers[i], (batch, 1, x.shape[2])), x[:, start:start + length]]
+      if key_mask is not None:
+        mask_pieces += [jnp.ones((batch, 1), bool), key_mask[:, start:start + length]]
+      start += length
+    return jnp.concatenate(pieces, 1), (jnp.concatenate(mask_pieces, 1) if key_mask is not None else None)
+
+  def _remove_markers(self, x):
+    keep, start = [], 0
+    for length in self.cfg.segment_lengths:
+      keep.append(x[:, start + 1:start + 1 + length])
+      start += 1 + length
+    return jnp.concatenate(keep, 1)
+
   def __call__(self, tokens: jax.Array, sigma: jax.Array,
                key_mask: jax.Array | None = None) -> jax.Array:
     """tokens (B, L) int, sigma (B,) float, key_mask (B, L) bool of keys to attend (None: all)."""
     dtype = self.cfg.compute_dtype
-    positions = jnp.arange(tokens.shape[1])
     cond = self.time_embedder(sigma, dtype)
     x = self.embed(tokens)
+    if self.markers is not None:
+      x, key_mask = self._insert_markers(x, key_mask)
+    positions = jnp.arange(x.shape[1])
     for block in self.blocks:
       x = block(x, cond, positions, key_mask)
+    if self.markers is not None:
+      x = self._remove_markers(x)
     x = self.final_norm(x)
     head = self.embedding.value.T if self.lm_head is None else self.lm_head.value
     return jnp.dot(x, head.astype(dtype), preferred_element_type=jnp.float32)

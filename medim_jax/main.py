@@ -1,0 +1,36 @@
+"""Command line: ``python -m medim_jax.main --config configs/smoke.py --workdir DIR --mode all``.
+
+Kept tiny on purpose: every mode is a library function that tests and notebooks call directly.
+"""
+
+from absl import app, flags, logging
+from ml_collections import config_flags
+
+MODES = ("train", "sample", "score", "all")
+
+_CONFIG = config_flags.DEFINE_config_file("config", None, "Config file (configs/X.py[:arg]).",
+                                          lock_config=True)
+_WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints, logs and samples.")
+_MODE = flags.DEFINE_enum("mode", "all", MODES, "train, sample, score, or all three in turn.")
+flags.mark_flags_as_required(["config", "workdir"])
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  logging.set_verbosity(logging.WARNING)  # orbax logs every file operation at INFO
+  from medim_jax import jobs  # after flag parsing, so --help stays fast
+  jobs.run(_CONFIG.value, _WORKDIR.value, _MODE.value)
+
+
+def run():
+  import sys
+  from medim_jax import config_checks
+  problems = config_checks.unknown_overrides(sys.argv[1:])
+  if problems:
+    sys.exit("error: " + "\n       ".join(problems))
+  app.run(main)
+
+
+if __name__ == "__main__":
+  run()

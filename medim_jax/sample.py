@@ -1,0 +1,87 @@
+"""The sampling job: load the latest checkpoint, generate every task, write PNG grids and reports."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import numpy as np
+import tqdm
+
+from medim_jax import checkpointing, train, visualize
+from medim_jax.data import base as data_base
+from medim_jax.diffusion import sampler as sampler_lib
+
+
+def load_sampling_params(config, workdir: str, trainer: train.Trainer):
+  """Params of the latest checkpoint (EMA params when trained with EMA and config.sample.use_ema)."""
+  checkpointer = checkpointing.Checkpointer(os.path.join(workdir, "checkpoints"),
+                                            config.train.max_checkpoints_to_keep)
+  try:
+    if checkpointer.latest_step() is None:
+      raise FileNotFoundError(f"no checkpoint in {checkpointer.directory}: train first "
+                              "(--mode train or --mode all)")
+    state = checkpointer.restore(trainer.abstract_state())
+  finally:
+    checkpointer.close()
+  use_ema = config.sample.use_ema and state.ema_params is not None
+  return (state.ema_params if use_ema else state.params), int(state.step)
+
+
+def tasks_from_config(config) -> list[str]:
+  tasks = [t.strip() for t in config.sample.tasks.split(",") if t.strip()]
+  for task in tasks:
+    if task not in sampler_lib.GENERATION_TASKS:
+      raise ValueError(f"config.sample.tasks names {task!r}; known tasks are "
+                       f"{sampler_lib.GENERATION_TASKS}")
+  return tasks
+
+
+def generate(config, workdir: str, dataset: data_base.PairedDataset | None = None) -> dict:
+  """Generate config.sample.num_examples per task from the eval split; returns tokens per task."""
+  dataset = dataset or data_base.build_dataset(config)
+  layout = dataset.layout
+  trainer = train.Trainer(config, layout)
+  params, step = load_sampling_params(config, workdir, trainer)
+  sampler = sampler_lib.Sampler(trainer.model.apply, layout, trainer.schedule,
+                                sampler_lib.SamplerConfig.from_config(config.sample))
+  split = dataset.eval
+  count = min(config.sample.num_examples, len(split))
+  batch_size = config.sample.batch_size
+  results = {}
+  for task in tasks_from_config(config):
+    inputs = sampler_lib.task_inputs(task, split.tokens[:count], split.prompt_length[:count], layout)
+    example_ids = split.example_id[:count]
+    outputs = []
+    for start in tqdm.trange(0, count, batch_size, desc=f"sample {task}", unit="batch"):
+      rows = slice(start, start + batch_size)
+      out = sampler(params, inputs[rows], example_ids[rows], seed=config.sample.seed)
+      outputs.append(np.asarray(out.tokens))
+    tokens = np.concatenate(outputs)
+    results[task] = tokens
+    _write_task(os.path.join(workdir, "samples", task), task, inputs, tokens, split, dataset, step)
+  print(f"Samples of checkpoint {step} written to {os.path.join(workdir, 'samples')}")
+  return results
+
+
+def _write_task(out_dir, task, inputs, tokens, split, dataset, step) -> None:
+  os.makedirs(out_dir, exist_ok=True)
+  layout, text_tok, image_tok = dataset.layout, dataset.text_tokenizer, dataset.image_tokenizer
+  text_ids, codes = layout.split(tokens)
+  images = image_tok.decode(np.asarray(codes))
+  reports = [text_tok.decode(ids) for ids in text_ids]
+  prompts = [text_tok.decode(ids[ids != layout.mask_id]) if (ids != layout.mask_id).any() else ""
+             for ids in inputs[:, layout.text_slice]]
+  np.save(os.path.join(out_dir, "tokens.npy"), tokens)
+  with open(os.path.join(out_dir, "samples.jsonl"), "w") as f:
+    for i, report in enumerate(reports):
+      f.write(json.dumps({"example_id": int(split.example_id[i]), "checkpoint_step": step,
+                          "prompt": prompts[i], "generated_report": report,
+                          "reference_report": split.reports[i]}) + "\n")
+  if task == "image_to_report":
+    captions = [[f"gen: {r}", f"ref: {split.reports[i]}"] for i, r in enumerate(reports)]
+  elif task == "report_to_image":
+    captions = [[f"prompt: {p}"] for p in prompts]
+  else:
+    captions = [[f"prompt: {p}", f"gen: {r}"] for p, r in zip(prompts, reports)]
+  visualize.sample_grid(images, captions, os.path.join(out_dir, "grid.png"))

@@ -1,0 +1,27 @@
+"""Pictures for people: sample grids of images with their reports."""
+
+from __future__ import annotations
+
+import textwrap
+
+import numpy as np
+from PIL import Image, ImageDraw, ImageFont
+
+
+def sample_grid(images, captions, path: str, columns: int = 8, image_px: int = 128,
+                caption_width: int = 22) -> None:
+  """Save a PNG grid: each cell one image (nearest-neighbour upscaled) with its caption lines below."""
+  font = ImageFont.load_default()
+  wrapped = ["\n".join(textwrap.fill(line, caption_width) for line in caption) for caption in captions]
+  line_height = 12
+  text_px = line_height * max(1, max(w.count("\n") + 1 for w in wrapped)) + 6
+  cell_w, cell_h = image_px + 12, image_px + text_px + 12
+  rows = -(-len(images) // columns)
+  sheet = Image.new("RGB", (columns * cell_w, rows * cell_h), "white")
+  draw = ImageDraw.Draw(sheet)
+  for i, (image, text) in enumerate(zip(images, wrapped)):
+    x, y = (i % columns) * cell_w + 6, (i // columns) * cell_h + 6
+    tile = Image.fromarray(np.asarray(image, np.uint8)).resize((image_px, image_px), Image.NEAREST)
+    sheet.paste(tile, (x, y))
+    draw.multiline_text((x, y + image_px + 4), text, fill="black", font=font, spacing=2)
+  sheet.save(path)

@@ -1,0 +1,38 @@
+"""Small shared builders for the tests."""
+
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from medim_jax.models import transformer
+from medim_jax.tokenizers.vocab import TokenLayout
+
+LAYOUT = TokenLayout(text_vocab_size=12, image_vocab_size=7, text_length=5, image_length=9)
+
+
+def tiny_config(**overrides) -> transformer.TransformerConfig:
+  kwargs = dict(vocab_size=LAYOUT.vocab_size, d_model=32, num_layers=2, num_heads=4, num_kv_heads=2,
+                head_dim=8, mlp_dim=48, time_frequency_dim=16, adaln_gate_init="open",
+                segment_lengths=(LAYOUT.text_length, LAYOUT.image_length))
+  kwargs.update(overrides)
+  return transformer.TransformerConfig(**kwargs)
+
+
+def tiny_model(seed=0, **overrides):
+  """A random tiny model with non-zero AdaLN weights (so conditioning matters) as (apply, params)."""
+  model = transformer.MeDiMTransformer(tiny_config(**overrides), rngs=nnx.Rngs(seed))
+  rng = np.random.default_rng(seed)
+  for block in model.blocks:
+    block.adaln.kernel.value = jnp.asarray(0.05 * rng.standard_normal(block.adaln.kernel.value.shape),
+                                           jnp.float32)
+  graphdef, state = nnx.split(model)
+
+  def apply(params, tokens, sigma, key_mask=None):
+    return nnx.merge(graphdef, params)(tokens, sigma, key_mask)
+
+  return apply, nnx.to_pure_dict(state)
+
+
+def random_tokens(rng, batch, layout=LAYOUT):
+  return layout.join(rng.integers(0, layout.text_vocab_size, (batch, layout.text_length)),
+                     rng.integers(0, layout.image_vocab_size, (batch, layout.image_length)))

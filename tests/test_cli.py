@@ -1,0 +1,36 @@
+"""The command line end to end on the tiny smoke config, and its errors."""
+
+import json
+import os
+import subprocess
+import sys
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def run_main(*args, timeout=280):
+  env = dict(os.environ, XLA_FLAGS="", JAX_PLATFORMS="cpu")
+  return subprocess.run([sys.executable, "-m", "medim_jax.main", *args], cwd=ROOT, env=env,
+                        capture_output=True, text=True, timeout=timeout)
+
+
+def test_mode_all_trains_samples_and_scores(tmp_path):
+  result = run_main("--config", "configs/smoke.py:tiny", "--workdir", str(tmp_path), "--mode", "all")
+  assert result.returncode == 0, result.stderr[-3000:]
+  for task in ("report_to_image", "image_to_report", "joint"):
+    folder = tmp_path / "samples" / task
+    assert (folder / "grid.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    rows = [json.loads(line) for line in (folder / "samples.jsonl").read_text().splitlines()]
+    assert len(rows) == 4 and all("generated_report" in r for r in rows)
+  scores = json.loads((tmp_path / "samples" / "scores.json").read_text())
+  assert 0.0 <= scores["image_to_report"]["all_attributes_accuracy"] <= 1.0
+  assert "Smoke scores" in result.stdout
+
+
+def test_unknown_config_key_is_one_clear_error(tmp_path):
+  result = run_main("--config", "configs/smoke.py:tiny", "--workdir", str(tmp_path),
+                    "--config.train.num_step=3", timeout=60)
+  assert result.returncode != 0
+  assert "unknown config key 'train.num_step'" in result.stderr
+  assert "did you mean train.num_steps" in result.stderr
+  assert "Traceback" not in result.stderr

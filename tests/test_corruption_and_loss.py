@@ -1,0 +1,124 @@
+"""Forward process with tasks, and the weighted SUBS cross-entropy."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import helpers
+from medim_jax.diffusion import corruption, loss as loss_lib, schedules
+from medim_jax.tokenizers.vocab import IMAGE, TEXT
+
+LAYOUT = helpers.LAYOUT
+SCHEDULE = schedules.LogLinearSchedule()
+
+
+def run_corrupt(task, batch=512, t=0.5, keep_prompt_prob=1.0, valid=None, seed=0):
+  probs = tuple(1.0 if name == task else 0.0 for name in corruption.TASKS)
+  tokens = jnp.asarray(helpers.random_tokens(np.random.default_rng(seed), batch))
+  valid = jnp.ones(tokens.shape, bool) if valid is None else valid
+  prompt = jnp.full((batch,), 2, jnp.int32)
+  out = corruption.corrupt(jax.random.PRNGKey(seed), tokens, valid, prompt, jnp.full((batch,), t),
+                           SCHEDULE, LAYOUT, corruption.TaskMix(probs, keep_prompt_prob))
+  return tokens, out
+
+
+def test_report_to_image_keeps_the_report_and_noises_the_image_at_rate_t():
+  tokens, out = run_corrupt("report_to_image", t=0.3)
+  text, image = LAYOUT.text_slice, LAYOUT.image_slice
+  np.testing.assert_array_equal(out.noisy[:, text], tokens[:, text])
+  rate = float(out.is_masked[:, image].mean())
+  assert abs(rate - SCHEDULE.mask_rate(0.3)) < 0.02
+  assert not out.noised[:, text].any() and out.noised[:, image].all()
+
+
+def test_image_to_report_keeps_the_image():
+  tokens, out = run_corrupt("image_to_report", t=0.9)
+  np.testing.assert_array_equal(out.noisy[:, LAYOUT.image_slice], tokens[:, LAYOUT.image_slice])
+  assert out.is_masked[:, LAYOUT.text_slice].mean() > 0.8
+
+
+def test_drop_tasks_fully_mask_one_modality_without_making_it_a_target():
+  _, out = run_corrupt("drop_report", t=0.2)
+  assert out.is_masked[:, LAYOUT.text_slice].all()
+  assert not out.loss_mask[:, LAYOUT.text_slice].any()
+  _, out = run_corrupt("drop_image", t=0.2)
+  assert out.is_masked[:, LAYOUT.image_slice].all()
+  assert not out.loss_mask[:, LAYOUT.image_slice].any()
+
+
+def test_joint_keeps_the_prompt_when_asked():
+  tokens, out = run_corrupt("joint", t=1.0, keep_prompt_prob=1.0)
+  np.testing.assert_array_equal(out.noisy[:, :2], tokens[:, :2])
+  assert out.is_masked[:, 2:].mean() > 0.99
+  _, out = run_corrupt("joint", t=1.0, keep_prompt_prob=0.0)
+  assert out.is_masked.mean() > 0.99
+
+
+def test_invalid_positions_are_never_masked_and_carry_no_loss():
+  valid = jnp.ones((512, LAYOUT.seq_length), bool).at[:, 3:5].set(False)
+  tokens, out = run_corrupt("joint", t=1.0, keep_prompt_prob=0.0, valid=valid)
+  np.testing.assert_array_equal(out.noisy[:, 3:5], tokens[:, 3:5])
+  assert not out.loss_mask[:, 3:5].any() and not out.noised[:, 3:5].any()
+
+
+def test_loss_mask_is_masked_and_noised():
+  _, out = run_corrupt("joint", t=0.5, keep_prompt_prob=0.5)
+  assert not (out.loss_mask & ~out.is_masked).any() and not (out.loss_mask & ~out.noised).any()
+  assert np.all(np.asarray(out.noisy)[np.asarray(out.is_masked)] == LAYOUT.mask_id)
+
+
+def test_task_mix_rejects_bad_probabilities():
+  import ml_collections
+  cfg = ml_collections.ConfigDict(dict(task_probs=dict(joint=0.5, report_to_image=0.2), keep_prompt_prob=0.1))
+  with pytest.raises(ValueError, match="sum to 1"):
+    corruption.TaskMix.from_config(cfg)
+  cfg.task_probs = dict(joint=1.0, jiont=0.0)
+  with pytest.raises(ValueError, match="unknown training tasks"):
+    corruption.TaskMix.from_config(cfg)
+
+
+# -- loss ----------------------------------------------------------------------------------------
+
+def one_hot_logits(tokens, scale=1e4):
+  return scale * jax.nn.one_hot(tokens, LAYOUT.vocab_size)
+
+
+def test_a_perfect_predictor_has_zero_loss():
+  tokens, out = run_corrupt("joint", batch=8, t=0.7, keep_prompt_prob=0.0)
+  t = jnp.full((8,), 0.7)
+  loss, metrics = loss_lib.diffusion_loss(one_hot_logits(tokens), tokens, out, t, SCHEDULE, LAYOUT)
+  assert float(loss) == 0.0 and float(metrics["text_accuracy"]) == 1.0
+
+
+def test_loss_weight_is_the_schedules_weight_and_only_masked_positions_count():
+  tokens = jnp.asarray(helpers.random_tokens(np.random.default_rng(0), 1))
+  noised = jnp.ones(tokens.shape, bool)
+  loss_mask = jnp.zeros(tokens.shape, bool).at[0, 1].set(True).at[0, 8].set(True)  # 1 text, 1 image
+  c = corruption.Corruption(noisy=jnp.where(loss_mask, LAYOUT.mask_id, tokens), is_masked=loss_mask,
+                            noised=noised, loss_mask=loss_mask, task=jnp.zeros((1,), jnp.int32))
+  t = jnp.array([0.25])
+  logits = jax.random.normal(jax.random.PRNGKey(0), (1, LAYOUT.seq_length, LAYOUT.vocab_size))
+  uniform = jnp.zeros_like(logits)
+  # Uniform logits: each masked token costs log(#ids of its modality), weighted by 1/t = 4.
+  loss, metrics = loss_lib.diffusion_loss(uniform, tokens, c, t, SCHEDULE, LAYOUT)
+  want = 4.0 * (np.log(LAYOUT.text_vocab_size) + np.log(LAYOUT.image_vocab_size)) / LAYOUT.seq_length
+  np.testing.assert_allclose(float(loss), want, rtol=1e-5)
+  np.testing.assert_allclose(float(metrics["text_loss"]), 4.0 * np.log(12) / LAYOUT.text_length, rtol=1e-5)
+  np.testing.assert_allclose(float(metrics["image_loss"]), 4.0 * np.log(7) / LAYOUT.image_length, rtol=1e-5)
+  # Changing the logits at positions without loss changes nothing.
+  changed = uniform.at[0, 0].set(logits[0, 0]).at[0, 10].set(logits[0, 10])
+  np.testing.assert_allclose(float(loss_lib.diffusion_loss(changed, tokens, c, t, SCHEDULE, LAYOUT)[0]),
+                             float(loss), rtol=1e-6)
+  # Per-modality weights scale only their own modality.
+  weighted = loss_lib.diffusion_loss(uniform, tokens, c, t, SCHEDULE, LAYOUT, modality_weights=(1.0, 0.0))[0]
+  np.testing.assert_allclose(float(weighted), 4.0 * np.log(12) / LAYOUT.seq_length, rtol=1e-5)
+
+
+def test_restriction_keeps_each_position_in_its_own_vocabulary_and_never_mask():
+  logits = jnp.zeros((1, LAYOUT.seq_length, LAYOUT.vocab_size))
+  probs = np.exp(np.asarray(loss_lib.subs_log_probs(logits, LAYOUT)))[0]
+  modality = LAYOUT.modality()
+  assert np.allclose(probs[modality == TEXT][:, :LAYOUT.text_vocab_size].sum(-1), 1.0)
+  assert np.allclose(probs[modality == IMAGE][:, LAYOUT.image_offset:].sum(-1), 1.0)
+  assert probs[:, LAYOUT.mask_id].max() == 0.0

@@ -1,0 +1,181 @@
+"""The backbone: shapes, AdaLN-zero identity, exact Gemma block math, full attention, sizes."""
+
+import importlib
+import math
+import pathlib
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+import helpers
+from medim_jax.models import conditioning, transformer
+from medim_jax.train import Model
+
+
+def numpy_reference(params, cfg, tokens, sigma):
+  """A from-scratch numpy forward of a Gemma block stack without causal mask and without markers."""
+  p = jax.tree.map(np.asarray, params)
+  d = cfg.d_model
+
+  def rms(x, w):
+    return x / np.sqrt(np.mean(x ** 2, -1, keepdims=True) + cfg.norm_eps) * (1 + w)
+
+  def rope(x):  # (B, L, H, D)
+    half = x.shape[-1] // 2
+    inv = 1.0 / cfg.rope_base ** (np.arange(half) * 2 / x.shape[-1])
+    ang = np.arange(x.shape[1])[:, None] * inv[None]
+    cos, sin = np.cos(ang)[None, :, None], np.sin(ang)[None, :, None]
+    x1, x2 = x[..., :half], x[..., half:]
+    return np.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], -1)
+
+  def gelu_tanh(x):
+    return 0.5 * x * (1 + np.tanh(math.sqrt(2 / math.pi) * (x + 0.044715 * x ** 3)))
+
+  half = cfg.time_frequency_dim // 2
+  freqs = np.exp(-math.log(cfg.time_max_period) * np.arange(half) / half)
+  args = (sigma * cfg.time_scale)[:, None] * freqs[None]
+  emb = np.concatenate([np.cos(args), np.sin(args)], -1)
+  te = p["time_embedder"]
+  h = emb @ te["fc1"]["kernel"] + te["fc1"]["bias"]
+  cond = (h / (1 + np.exp(-h))) @ te["fc2"]["kernel"] + te["fc2"]["bias"]
+
+  x = p["embedding"][tokens] * math.sqrt(d)
+  groups = cfg.num_heads // cfg.num_kv_heads
+  for i in range(cfg.num_layers):
+    b = p["blocks"][i]
+    mod = np.einsum("bd,dce->bce", cond, b["adaln"]["kernel"]) + b["adaln"]["bias"]
+    sa, ca, ga, sm, cm, gm = [mod[:, None, j] for j in range(6)]
+    y = rms(x, b["attn_norm"]["scale"]) * (1 + ca) + sa
+    q = rope(np.einsum("bld,dhk->blhk", y, b["attn"]["q"]))
+    k = np.repeat(rope(np.einsum("bld,dhk->blhk", y, b["attn"]["k"])), groups, axis=2)
+    v = np.repeat(np.einsum("bld,dhk->blhk", y, b["attn"]["v"]), groups, axis=2)
+    s = np.einsum("bqhk,bshk->bhqs", q, k) / math.sqrt(cfg.head_dim)
+    s = np.exp(s - s.max(-1, keepdims=True))
+    a = np.einsum("bhqs,bshk->bqhk", s / s.sum(-1, keepdims=True), v)
+    x = x + ga * np.einsum("blhk,hkd->bld", a, b["attn"]["o"])
+    y = rms(x, b["mlp_norm"]["scale"]) * (1 + cm) + sm
+    m = b["mlp"]
+    x = x + gm * ((gelu_tanh(y @ m["gate"]["kernel"]) * (y @ m["up"]["kernel"])) @ m["down"]["kernel"])
+  x = rms(x, p["final_norm"]["scale"])
+  return x @ p["embedding"].T
+
+
+def test_forward_matches_numpy_reference_of_gemma_blocks():
+  cfg = helpers.tiny_config(segment_lengths=(), num_kv_heads=2)
+  apply, params = helpers.tiny_model(seed=1, segment_lengths=(), num_kv_heads=2)
+  rng = np.random.default_rng(0)
+  tokens = helpers.random_tokens(rng, 3)
+  sigma = np.array([0.01, 1.0, 5.0], np.float32)
+  params = jax.tree.map(lambda x: x + 0.1 * rng.standard_normal(x.shape).astype(np.float32), params)
+  got = np.asarray(apply(params, jnp.asarray(tokens), jnp.asarray(sigma)))
+  want = numpy_reference(params, cfg, tokens, sigma)
+  np.testing.assert_allclose(got, want, rtol=2e-4, atol=2e-4)
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+@pytest.mark.parametrize("markers", [True, False])
+def test_shapes_and_dtypes(dtype, markers):
+  layout = helpers.LAYOUT
+  seg = (layout.text_length, layout.image_length) if markers else ()
+  apply, params = helpers.tiny_model(dtype=dtype, segment_lengths=seg)
+  tokens = jnp.asarray(helpers.random_tokens(np.random.default_rng(0), 2))
+  logits = apply(params, tokens, jnp.ones((2,)))
+  assert logits.shape == (2, layout.seq_length, layout.vocab_size)
+  assert logits.dtype == jnp.float32
+  assert all(x.dtype == jnp.float32 for x in jax.tree.leaves(params))
+  assert np.isfinite(np.asarray(logits)).all()
+
+
+def test_adaln_zero_makes_every_block_the_identity_at_init():
+  cfg = helpers.tiny_config(adaln_gate_init="zero")
+  model = transformer.MeDiMTransformer(cfg, rngs=nnx.Rngs(0))
+  x = jax.random.normal(jax.random.PRNGKey(1), (2, 14, cfg.d_model))
+  cond = model.time_embedder(jnp.array([0.3, 4.0]), jnp.float32)
+  for block in model.blocks:
+    np.testing.assert_array_equal(np.asarray(block(x, cond, jnp.arange(14), None)), np.asarray(x))
+
+
+def test_open_gates_make_the_block_an_unmodulated_gemma_block():
+  cfg = helpers.tiny_config(adaln_gate_init="open")
+  model = transformer.MeDiMTransformer(cfg, rngs=nnx.Rngs(0))
+  block = model.blocks[0]
+  x = jax.random.normal(jax.random.PRNGKey(1), (2, 14, cfg.d_model))
+  cond = model.time_embedder(jnp.array([0.3, 4.0]), jnp.float32)
+  pos = jnp.arange(14)
+  h = x + block.attn(block.attn_norm(x), pos, None)
+  want = h + block.mlp(block.mlp_norm(h), jnp.float32)
+  np.testing.assert_allclose(np.asarray(block(x, cond, pos, None)), np.asarray(want), rtol=1e-6, atol=1e-6)
+
+
+def test_attention_is_bidirectional_and_respects_the_key_mask():
+  apply, params = helpers.tiny_model()
+  rng = np.random.default_rng(0)
+  tokens = helpers.random_tokens(rng, 1)
+  changed = tokens.copy()
+  changed[0, -1] = (changed[0, -1] + 1 - helpers.LAYOUT.image_offset) % 7 + helpers.LAYOUT.image_offset
+  sigma = jnp.ones((1,))
+  a, b = apply(params, jnp.asarray(tokens), sigma), apply(params, jnp.asarray(changed), sigma)
+  assert not np.allclose(a[0, 0], b[0, 0]), "the first position must see the last one (no causal mask)"
+  key_mask = jnp.ones(tokens.shape, bool).at[0, -1].set(False)
+  a, b = apply(params, jnp.asarray(tokens), sigma, key_mask), apply(params, jnp.asarray(changed), sigma, key_mask)
+  np.testing.assert_allclose(a[0, :-1], b[0, :-1], rtol=1e-6, atol=1e-6)
+
+
+def test_time_conditioning_changes_the_output():
+  apply, params = helpers.tiny_model()
+  tokens = jnp.asarray(helpers.random_tokens(np.random.default_rng(0), 1))
+  a, b = apply(params, tokens, jnp.array([0.1])), apply(params, tokens, jnp.array([3.0]))
+  assert not np.allclose(a, b)
+
+
+def test_sinusoidal_embedding_is_cos_first():
+  emb = conditioning.sinusoidal_embedding(jnp.array([2.0]), 8, max_period=10_000.0)
+  freqs = np.exp(-math.log(10_000.0) * np.arange(4) / 4)
+  np.testing.assert_allclose(emb[0], np.concatenate([np.cos(2 * freqs), np.sin(2 * freqs)]), rtol=1e-6)
+
+
+def test_tied_and_untied_heads():
+  tied = nnx.state(transformer.MeDiMTransformer(helpers.tiny_config(), rngs=nnx.Rngs(0)))
+  untied = nnx.state(transformer.MeDiMTransformer(helpers.tiny_config(tie_embeddings=False),
+                                                  rngs=nnx.Rngs(0)))
+  assert tied["lm_head"] is None or "lm_head" not in nnx.to_pure_dict(tied)
+  assert nnx.to_pure_dict(untied)["lm_head"].shape == (32, helpers.LAYOUT.vocab_size)
+
+
+def test_every_parameter_names_its_logical_axes():
+  model = transformer.MeDiMTransformer(helpers.tiny_config(), rngs=nnx.Rngs(0))
+  for path, var in nnx.to_flat_state(nnx.state(model)):
+    axes = var.get_metadata().get("logical_axes")
+    assert axes is not None and len(axes) == var.value.ndim, path
+
+
+def test_bad_head_configuration_is_a_clear_error():
+  with pytest.raises(ValueError, match="multiple of num_kv_heads"):
+    helpers.tiny_config(num_heads=4, num_kv_heads=3)
+
+
+CONFIGS = sorted(p.stem for p in pathlib.Path(__file__).parent.parent.glob("configs/*.py")
+                 if p.stem not in ("__init__",))
+
+
+@pytest.mark.parametrize("name", CONFIGS)
+def test_every_config_builds_a_model_of_the_right_shape(name):
+  config = importlib.import_module(f"configs.{name}").get_config()
+  layout = helpers.LAYOUT if name != "medim_liquid7b" else type(helpers.LAYOUT)(32003, 8192, 256, 1024)
+  model = Model(config, layout)
+  shapes = jax.eval_shape(lambda: model.apply(
+      model.abstract_params, jnp.zeros((2, layout.seq_length), jnp.int32), jnp.ones((2,))))
+  assert shapes.shape == (2, layout.seq_length, layout.vocab_size)
+  assert shapes.dtype == jnp.float32
+
+
+def test_paper_config_has_the_original_parameter_count():
+  config = importlib.import_module("configs.medim_liquid7b").get_config()
+  layout = type(helpers.LAYOUT)(32003, 8192, 256, 1024)  # Llama-2 + 3 specials | MASK | 8192 codes
+  assert layout.vocab_size == 40196 and layout.mask_id == 32003 and layout.image_offset == 32004
+  count = transformer.count_params(Model(config, layout).abstract_params)
+  # 10 Gemma-7B layers with AdaLN (3.335B) + 40,196 x 3,072 tied embedding + time MLP, plus 2 markers.
+  assert count == 3_468_432_384 + 2 * 3072

@@ -1,0 +1,167 @@
+"""Sampler invariants: conditions untouched, no MASK left, reveals final, modality-correct ids,
+batch-size invariance, per-segment step counts, CFG arithmetic, and loud failure on NaN."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import helpers
+from medim_jax.diffusion import sampler as sampler_lib, schedules
+from medim_jax.tokenizers.vocab import IMAGE, TEXT
+
+LAYOUT = helpers.LAYOUT
+APPLY, PARAMS = helpers.tiny_model(seed=3)
+
+
+def make_sampler(apply=APPLY, **kwargs):
+  kwargs.setdefault("text_steps", 3)
+  kwargs.setdefault("image_steps", 5)
+  kwargs.setdefault("cfg_scale", 1.5)
+  return sampler_lib.Sampler(apply, LAYOUT, schedules.LogLinearSchedule(),
+                             sampler_lib.SamplerConfig(**kwargs))
+
+
+def inputs(task, batch=6, seed=0):
+  rng = np.random.default_rng(seed)
+  tokens = helpers.random_tokens(rng, batch)
+  return tokens, sampler_lib.task_inputs(task, tokens, np.full(batch, 2), LAYOUT)
+
+
+def random_partial_mask(batch=6, seed=0):
+  rng = np.random.default_rng(seed)
+  tokens = helpers.random_tokens(rng, batch)
+  return tokens, np.where(rng.random(tokens.shape) < 0.6, LAYOUT.mask_id, tokens).astype(np.int32)
+
+
+CASES = [(strategy, task) for strategy in sampler_lib.STRATEGIES
+         for task in (*sampler_lib.GENERATION_TASKS, "infill")]
+
+
+@pytest.mark.parametrize("strategy,task", CASES)
+def test_conditions_kept_masks_gone_and_ids_in_their_modality(strategy, task):
+  _, x = random_partial_mask() if task == "infill" else inputs(task)
+  out = make_sampler(strategy=strategy)(PARAMS, x, np.arange(len(x)), seed=1)
+  tokens = np.asarray(out.tokens)
+  given = x != LAYOUT.mask_id
+  np.testing.assert_array_equal(tokens[given], x[given])
+  assert not (tokens == LAYOUT.mask_id).any()
+  modality = LAYOUT.modality()
+  assert (tokens[:, modality == TEXT] < LAYOUT.text_vocab_size).all()
+  assert (tokens[:, modality == IMAGE] >= LAYOUT.image_offset).all()
+  reveal = np.asarray(out.reveal_step)
+  assert (reveal[given] == -1).all() and (reveal[~given] >= 0).all()
+
+
+@pytest.mark.parametrize("strategy", sampler_lib.STRATEGIES)
+def test_a_revealed_token_never_changes(strategy):
+  """Record the state the model sees at every step: once a position is revealed it stays put."""
+  seen = []
+
+  def recording_apply(params, tokens, sigma, key_mask=None):
+    jax.debug.callback(lambda x: seen.append(np.asarray(x)), tokens)
+    return APPLY(params, tokens, sigma, key_mask)
+
+  _, x = inputs("joint")
+  out = make_sampler(recording_apply, strategy=strategy, cfg_scale=0.0)(PARAMS, x, np.arange(len(x)))
+  states = seen + [np.asarray(out.tokens)]
+  assert len(states) >= 5
+  for before, after in zip(states, states[1:]):
+    revealed = before != LAYOUT.mask_id
+    np.testing.assert_array_equal(after[revealed], before[revealed])
+
+
+@pytest.mark.parametrize("strategy", sampler_lib.STRATEGIES)
+def test_a_sample_does_not_depend_on_the_batch_it_is_in(strategy):
+  _, x = inputs("joint", batch=64, seed=5)
+  ids = np.arange(100, 164)
+  sampler = make_sampler(strategy=strategy)
+  together = np.asarray(sampler(PARAMS, x, ids, seed=7).tokens)
+  for row in (0, 37, 63):
+    alone = np.asarray(sampler(PARAMS, x[row:row + 1], ids[row:row + 1], seed=7).tokens)
+    np.testing.assert_array_equal(alone[0], together[row])
+  assert len({together[i].tobytes() for i in range(64)}) > 32, "examples must not share randomness"
+  other_seed = np.asarray(sampler(PARAMS, x, ids, seed=8).tokens)
+  assert not np.array_equal(other_seed, together)
+
+
+def test_confidence_sampler_reveals_per_segment_on_its_own_schedule():
+  _, x = inputs("unconditional", batch=4)
+  out = make_sampler(strategy="confidence", text_steps=2, image_steps=5,
+                     reveal_schedule="linear")(PARAMS, x, np.arange(4))
+  reveal = np.asarray(out.reveal_step)
+  for row in reveal:
+    text_steps, image_steps = row[LAYOUT.text_slice], row[LAYOUT.image_slice]
+    # 5 loop steps; the text's 2 steps fall on loop steps 1 and 4 (floor((j+1)*2/5) increments).
+    assert set(text_steps.tolist()) <= {1, 4} and len(set(text_steps.tolist())) == 2
+    counts = np.bincount(image_steps, minlength=5)
+    np.testing.assert_array_equal(np.cumsum(counts), np.round(9 * np.arange(1, 6) / 5))
+
+
+def test_cumulative_reveal_fractions():
+  for name in sampler_lib.REVEAL_SCHEDULES:
+    frac = sampler_lib.cumulative_reveal_fraction(name, 8)
+    assert frac[0] == 0 and frac[-1] == 1 and np.all(np.diff(frac) > 0)
+  arccos = np.diff(sampler_lib.cumulative_reveal_fraction("arccos", 8))
+  assert np.all(np.diff(arccos) > 0), "arccos reveals few tokens early and many late"
+
+
+def test_classifier_free_guidance_combines_conditional_and_unconditional_rows_in_one_batch():
+  shapes = []
+  mask_id = LAYOUT.mask_id
+
+  def fake_apply(params, tokens, sigma, key_mask=None):
+    shapes.append(tokens.shape)
+    # Logits prefer id 2 when the report is visible, id 3 when it was re-masked.
+    visible = (tokens[:, :1] != mask_id).astype(jnp.float32)[..., None]
+    base = jnp.zeros(tokens.shape + (LAYOUT.vocab_size,))
+    return base.at[..., 2].set(visible[..., 0] * 1.0).at[..., 3].set((1 - visible[..., 0]) * 1.0)
+
+  sampler = make_sampler(fake_apply, cfg_scale=2.0, cfg_ramp=False)
+  _, x = inputs("report_to_image", batch=3)
+  given = jnp.asarray(x != mask_id)
+  t = jnp.full((3,), 0.5)
+  log_probs, nonfinite = sampler._guided_log_probs(PARAMS, jnp.asarray(x), given, jnp.ones(3), t)
+  assert shapes[-1] == (6, LAYOUT.seq_length) and not nonfinite.any()
+  # (1 + w) * cond - w * uncond with w = 2: id 2 -> 3, id 3 -> -2, others 0 (text ids only).
+  text_logits = np.zeros(LAYOUT.text_vocab_size)
+  text_logits[2], text_logits[3] = 3.0, -2.0
+  want = text_logits - np.log(np.exp(text_logits).sum())
+  np.testing.assert_allclose(np.asarray(log_probs[0, 0, :LAYOUT.text_vocab_size]), want, rtol=1e-5)
+
+
+def test_non_finite_model_output_is_an_error_naming_the_example():
+  def nan_for_second_row(params, tokens, sigma, key_mask=None):
+    logits = APPLY(params, tokens, sigma, key_mask)
+    return logits.at[1].set(jnp.nan)
+
+  _, x = inputs("image_to_report", batch=3)
+  with pytest.raises(FloatingPointError, match="example 11 at step 0"):
+    make_sampler(nan_for_second_row, cfg_scale=0.0)(PARAMS, x, np.array([10, 11, 12]))
+
+
+def test_bad_inputs_are_clear_errors():
+  tokens, x = inputs("report_to_image", batch=2)
+  bad = x.copy()
+  bad[0, 1] = LAYOUT.image_offset  # an image id in a report slot
+  with pytest.raises(ValueError, match="not a text id"):
+    make_sampler()(PARAMS, bad, np.arange(2))
+  with pytest.raises(ValueError, match="shape"):
+    make_sampler()(PARAMS, x[:, :-1], np.arange(2))
+  with pytest.raises(ValueError, match="unknown generation task"):
+    sampler_lib.task_inputs("text_to_image", tokens, np.zeros(2), LAYOUT)
+  with pytest.raises(ValueError, match="strategy"):
+    sampler_lib.SamplerConfig(strategy="greedy")
+
+
+def test_task_inputs_mask_what_each_task_generates():
+  tokens, _ = inputs("joint", batch=2)
+  prompt = np.array([1, 3])
+  masked = lambda task: sampler_lib.task_inputs(task, tokens, prompt, LAYOUT) == LAYOUT.mask_id
+  text, image = LAYOUT.text_slice, LAYOUT.image_slice
+  assert masked("report_to_image")[:, image].all() and not masked("report_to_image")[:, text].any()
+  assert masked("image_to_report")[:, text].all() and not masked("image_to_report")[:, image].any()
+  joint = masked("joint")
+  assert joint[:, image].all()
+  np.testing.assert_array_equal(joint[:, text], np.arange(5)[None] >= prompt[:, None])
+  assert masked("unconditional").all()

@@ -1,0 +1,100 @@
+"""Training: the loss falls, EMA, save/restore of the whole state, resume == uninterrupted run."""
+
+import os
+
+import jax
+import numpy as np
+import pytest
+
+from configs import smoke
+from medim_jax import checkpointing, train
+from medim_jax.data import base as data_base
+
+
+def tiny_config(**train_overrides):
+  config = smoke.get_config("tiny")
+  with config.unlocked():
+    for key, value in train_overrides.items():
+      config.train[key] = value
+  return config
+
+
+@pytest.fixture(scope="module")
+def dataset():
+  return data_base.build_dataset(tiny_config())
+
+
+def assert_trees_equal(a, b):
+  for (path, x), y in zip(jax.tree_util.tree_leaves_with_path(a), jax.tree.leaves(b)):
+    np.testing.assert_array_equal(np.asarray(x), np.asarray(y), err_msg=jax.tree_util.keystr(path))
+
+
+def test_training_loss_falls_on_smoke_data(dataset):
+  config = tiny_config(learning_rate=3e-3, warmup_steps=5, num_steps=60)
+  trainer = train.Trainer(config, dataset.layout)
+  state = trainer.init_state(0)
+  eval_batches = dataset.eval_batches(16, 2)
+  before = trainer.evaluate(state.params, eval_batches)["loss"]
+  batches = dataset.train_iterator(16, seed=0)
+  for _ in range(60):
+    state, metrics = trainer.train_step(state, next(batches))
+  after = trainer.evaluate(state.params, eval_batches)["loss"]
+  assert np.isfinite(after) and after < 0.7 * before, (before, after)
+  assert {"text_loss", "image_loss", "grad_norm", "learning_rate"} <= set(metrics)
+  assert float(metrics["text_loss"]) != float(metrics["image_loss"])
+
+
+def test_ema_follows_the_params(dataset):
+  config = tiny_config(ema_decay=0.9)
+  trainer = train.Trainer(config, dataset.layout)
+  state = trainer.init_state(0)
+  params_before = jax.tree.map(np.asarray, state.params)
+  state, _ = trainer.train_step(state, next(dataset.train_iterator(8, seed=0)))
+  want = jax.tree.map(lambda old, new: 0.9 * old + 0.1 * np.asarray(new), params_before, state.params)
+  for got, expected in zip(jax.tree.leaves(state.ema_params), jax.tree.leaves(want)):
+    np.testing.assert_allclose(np.asarray(got), expected, rtol=1e-6, atol=1e-7)
+
+
+def test_checkpoint_round_trips_the_whole_train_state(dataset, tmp_path):
+  config = tiny_config(ema_decay=0.5)
+  trainer = train.Trainer(config, dataset.layout)
+  state = trainer.init_state(0)
+  batches = dataset.train_iterator(8, seed=0)
+  for _ in range(2):
+    state, _ = trainer.train_step(state, next(batches))
+  checkpointer = checkpointing.Checkpointer(str(tmp_path), max_to_keep=2)
+  checkpointer.save(2, state, batches)
+  checkpointer.wait()
+  fresh_iter = dataset.train_iterator(8, seed=0)
+  restored = checkpointer.restore(trainer.abstract_state(), fresh_iter)
+  checkpointer.close()
+  assert_trees_equal(state, restored)
+  assert fresh_iter.get_state() == batches.get_state()
+  np.testing.assert_array_equal(next(fresh_iter)["tokens"], next(batches)["tokens"])
+
+
+def test_a_checkpoint_of_another_model_shape_is_a_clear_error(dataset, tmp_path):
+  trainer = train.Trainer(tiny_config(), dataset.layout)
+  checkpointer = checkpointing.Checkpointer(str(tmp_path), max_to_keep=1)
+  checkpointer.save(1, trainer.init_state(0))
+  checkpointer.wait()
+  wider = tiny_config()
+  with wider.unlocked():
+    wider.model.d_model = 48
+  with pytest.raises(ValueError, match="does not match this model: .* is"):
+    checkpointer.restore(train.Trainer(wider, dataset.layout).abstract_state())
+  checkpointer.close()
+
+
+def test_resume_gives_exactly_the_uninterrupted_run(dataset, tmp_path):
+  straight = train.train_and_evaluate(tiny_config(num_steps=6), str(tmp_path / "a"), dataset,
+                                      progress=False)
+  train.train_and_evaluate(tiny_config(num_steps=3), str(tmp_path / "b"), dataset, progress=False)
+  resumed = train.train_and_evaluate(tiny_config(num_steps=6), str(tmp_path / "b"), dataset,
+                                     progress=False)
+  assert int(resumed.step) == 6
+  assert_trees_equal(straight, resumed)
+  assert sorted(os.listdir(tmp_path / "b" / "checkpoints")) == ["3", "6"]
+  lines = (tmp_path / "b" / "metrics.jsonl").read_text().splitlines()
+  assert any('"split": "eval"' in line for line in lines)
+  assert os.listdir(tmp_path / "b" / "tensorboard")

@@ -17,8 +17,8 @@ def get_config(arg=None):
   config.data.name = "smoke"            # smoke: procedural shapes + sentences, made in memory
   config.data.num_train = 4096
   config.data.num_eval = 256
-  config.data.image_size = 32           # pixels; smoke images are an 8x8 grid of 4-pixel cells
-  config.data.image_patch = 2           # smoke: cells per image token side (2 -> 16 tokens per image)
+  config.data.image_size = 24           # pixels; smoke images are a 6x6 grid of 4-pixel cells
+  config.data.image_patch = 1           # smoke: cells per image token side (1 -> 36 tokens per image)
   config.data.text_length = 8           # report tokens, EOS and padding included
 
   # Backbone: a Gemma-style transformer without the causal mask (see configs/medim_liquid7b.py).
@@ -40,6 +40,7 @@ def get_config(arg=None):
   config.model.dtype = "float32"        # compute dtype; params and optimizer state stay float32
   config.model.attention_impl = "xla"   # "xla" (einsum, f32 softmax) | "jax_dot_product" (cuDNN on GPU)
   config.model.segment_markers = True   # a learned anchor token before the report and the image
+  config.model.learned_position_embedding = False  # absolute positions on top of RoPE (from scratch)
 
   # Diffusion: forward process and loss.
   config.diffusion = ml_collections.ConfigDict()

@@ -23,8 +23,8 @@ def tiny_model(seed=0, **overrides):
   model = transformer.MeDiMTransformer(tiny_config(**overrides), rngs=nnx.Rngs(seed))
   rng = np.random.default_rng(seed)
   for block in model.blocks:
-    block.adaln.kernel.value = jnp.asarray(0.05 * rng.standard_normal(block.adaln.kernel.value.shape),
-                                           jnp.float32)
+    shape = block.adaln.kernel.get_value().shape
+    block.adaln.kernel.set_value(jnp.asarray(0.05 * rng.standard_normal(shape), jnp.float32))
   graphdef, state = nnx.split(model)
 
   def apply(params, tokens, sigma, key_mask=None):

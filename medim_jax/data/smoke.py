@@ -1,9 +1,10 @@
-"""Procedural smoke data: a coloured shape in one quadrant of a 32x32 image, with a sentence for it.
+"""Procedural smoke data: a coloured shape in one quadrant of a 24x24 image, with a sentence for it.
 
-Made in memory from a seed in well under a second. Images are drawn on an 8x8 grid of 4-pixel
-cells from a 5-colour palette, so the palette tokenizer encodes them exactly (one code per
-``config.data.image_patch`` x ``image_patch`` cells: 16 codes for 2, 64 for 1). The attributes
-(colour, shape, vertical and horizontal position) are kept as ground truth for scoring.
+Made in memory from a seed in well under a second. Images are drawn on a 6x6 grid of 4-pixel
+cells from a 5-colour palette; each quadrant is 3x3 cells and holds the shape exactly, so the
+palette tokenizer encodes an image exactly into 36 codes (one per cell; ``config.data.image_patch``
+= 3 would give 4 codes of 3x3 cells). The attributes (colour, shape, vertical and horizontal
+position) are kept as ground truth for scoring.
 """
 
 from __future__ import annotations
@@ -31,25 +32,25 @@ HORIZONTAL = ("left", "right")
 TEMPLATE = "a {colour} {shape} in the {vertical} {horizontal}"
 PROMPT_WORDS = 2
 WORDS = ["a", "in", "the", *COLOURS, *SHAPES, *VERTICAL, *HORIZONTAL]
-GRID, CELL = 8, 4
+GRID, CELL = 6, 4
 
 
 def shape_mask(shape: str) -> np.ndarray:
   return np.array([[c == "#" for c in row] for row in SHAPES[shape]])
 
 
-def render(attributes: dict, jitter: tuple[int, int]) -> np.ndarray:
-  """Attributes -> (8, 8) palette codes; the 3x3 shape sits in its 4x4 quadrant, shifted by jitter."""
+def render(attributes: dict) -> np.ndarray:
+  """Attributes -> (6, 6) palette indices of the cells; the 3x3 shape fills its quadrant."""
   codes = np.zeros((GRID, GRID), np.int32)
-  row = (0 if attributes["vertical"] == "top" else GRID // 2) + jitter[0]
-  col = (0 if attributes["horizontal"] == "left" else GRID // 2) + jitter[1]
+  row = 0 if attributes["vertical"] == "top" else GRID // 2
+  col = 0 if attributes["horizontal"] == "left" else GRID // 2
   colour_code = list(PALETTE).index(attributes["colour"])
   codes[row:row + 3, col:col + 3] = np.where(shape_mask(attributes["shape"]), colour_code, 0)
   return codes
 
 
 def cell_colours(images) -> np.ndarray:
-  """(B, 32, 32, 3) pictures -> (B, 8, 8) palette indices of their cells."""
+  """(B, 24, 24, 3) pictures -> (B, 6, 6) palette indices of their cells."""
   cells = PalettePatchTokenizer(list(PALETTE.values()), GRID * CELL, CELL, patch=1)
   return cells.encode(images).reshape(-1, GRID, GRID)
 
@@ -73,7 +74,7 @@ def make_split(first_id: int, count: int, seed: int, layout: TokenLayout, text_t
     attributes.append(attr)
     reports.append(TEMPLATE.format(**attr))
     prompt_lengths.append(PROMPT_WORDS)
-    cells.append(render(attr, tuple(rng.integers(0, 2, 2))))
+    cells.append(render(attr))
   palette = np.asarray(list(PALETTE.values()), np.uint8)
   images = palette[np.stack(cells)].repeat(CELL, axis=1).repeat(CELL, axis=2)
   codes = image_tok.encode(images)

@@ -64,6 +64,6 @@ class AdaLNModulation(nnx.Module):
 
   def __call__(self, cond: jax.Array, dtype) -> tuple[jax.Array, ...]:
     # No SiLU before the projection: the original applies it to the time embedding directly.
-    out = jnp.einsum("bd,dce->bce", cond.astype(dtype), self.kernel.value.astype(dtype))
-    out = out + self.bias.value.astype(dtype)
+    out = jnp.einsum("bd,dce->bce", cond.astype(dtype), self.kernel[...].astype(dtype))
+    out = out + self.bias[...].astype(dtype)
     return tuple(out[:, None, i, :] for i in range(self.NUM_CHUNKS))  # each (B, 1, d)

@@ -27,9 +27,9 @@ class Dense(nnx.Module):
                  if use_bias else None)
 
   def __call__(self, x: jax.Array, dtype) -> jax.Array:
-    y = jnp.dot(x.astype(dtype), self.kernel.value.astype(dtype))
+    y = jnp.dot(x.astype(dtype), self.kernel[...].astype(dtype))
     if self.bias is not None:
-      y = y + self.bias.value.astype(dtype)
+      y = y + self.bias[...].astype(dtype)
     return y
 
 
@@ -43,7 +43,7 @@ class RMSNorm(nnx.Module):
   def __call__(self, x: jax.Array) -> jax.Array:
     x32 = x.astype(jnp.float32)
     normed = x32 * jax.lax.rsqrt(jnp.mean(jnp.square(x32), axis=-1, keepdims=True) + self.eps)
-    return (normed * (1.0 + self.scale.value)).astype(x.dtype)
+    return (normed * (1.0 + self.scale[...])).astype(x.dtype)
 
 
 def rotary_embedding(x: jax.Array, positions: jax.Array, base: float) -> jax.Array:

@@ -42,6 +42,10 @@ class TransformerConfig:
   # before each segment: with rotary (relative) positions only, a fixed anchor is what lets a
   # bidirectional model know where in the image a position is (the original's <boi>/<eoi> do this).
   segment_lengths: tuple[int, ...] = ()
+  # > 0 adds a learned absolute position embedding over that many positions (markers included).
+  # Off for a pretrained Gemma backbone (it has none); a model trained from scratch learns image
+  # geometry much faster with it than from rotary offsets to the markers alone.
+  learned_positions: int = 0
 
   def __post_init__(self):
     if self.num_heads % self.num_kv_heads:
@@ -55,9 +59,12 @@ class TransformerConfig:
   @classmethod
   def from_config(cls, model_config, vocab_size: int,
                   segment_lengths: tuple[int, ...]) -> "TransformerConfig":
-    fields = {f.name for f in dataclasses.fields(cls)} - {"vocab_size", "segment_lengths"}
-    return cls(vocab_size=vocab_size,
-               segment_lengths=tuple(segment_lengths) if model_config.segment_markers else (),
+    derived = {"vocab_size", "segment_lengths", "learned_positions"}
+    fields = {f.name for f in dataclasses.fields(cls)} - derived
+    segments = tuple(segment_lengths) if model_config.segment_markers else ()
+    length = sum(segment_lengths) + len(segments)
+    return cls(vocab_size=vocab_size, segment_lengths=segments,
+               learned_positions=length if model_config.learned_position_embedding else 0,
                **{k: model_config[k] for k in fields if k in model_config})
 
   @property
@@ -78,9 +85,9 @@ class Attention(nnx.Module):
 
   def __call__(self, x: jax.Array, positions: jax.Array, key_mask: jax.Array | None) -> jax.Array:
     cfg, dtype = self.cfg, self.cfg.compute_dtype
-    q = jnp.einsum("bld,dhk->blhk", x, self.q.value.astype(dtype))
-    k = jnp.einsum("bld,dhk->blhk", x, self.k.value.astype(dtype))
-    v = jnp.einsum("bld,dhk->blhk", x, self.v.value.astype(dtype))
+    q = jnp.einsum("bld,dhk->blhk", x, self.q[...].astype(dtype))
+    k = jnp.einsum("bld,dhk->blhk", x, self.k[...].astype(dtype))
+    v = jnp.einsum("bld,dhk->blhk", x, self.v[...].astype(dtype))
     q = layers.rotary_embedding(q, positions, cfg.rope_base)
     k = layers.rotary_embedding(k, positions, cfg.rope_base)
     if cfg.attention_impl == "jax_dot_product":
@@ -88,7 +95,7 @@ class Attention(nnx.Module):
       out = jax.nn.dot_product_attention(q, k, v, mask=mask)
     else:
       out = self._xla_attention(q, k, v, key_mask)
-    return jnp.einsum("blhk,hkd->bld", out, self.o.value.astype(dtype))
+    return jnp.einsum("blhk,hkd->bld", out, self.o[...].astype(dtype))
 
   def _xla_attention(self, q, k, v, key_mask):
     cfg = self.cfg
@@ -147,6 +154,8 @@ class MeDiMTransformer(nnx.Module):
     self.blocks = nnx.List([Block(cfg, rngs=rngs) for _ in range(cfg.num_layers)])
     self.markers = (layers.normal_param(rngs, (len(cfg.segment_lengths), cfg.d_model), cfg.init_std,
                                         ("segment", "embed")) if cfg.segment_lengths else None)
+    self.positions = (layers.normal_param(rngs, (cfg.learned_positions, cfg.d_model), cfg.init_std,
+                                          ("length", "embed")) if cfg.learned_positions else None)
     self.final_norm = layers.RMSNorm(cfg.d_model, cfg.norm_eps)
     self.lm_head = (None if cfg.tie_embeddings else
                     layers.normal_param(rngs, (cfg.d_model, cfg.vocab_size), cfg.init_std,
@@ -154,7 +163,7 @@ class MeDiMTransformer(nnx.Module):
 
   def embed(self, tokens: jax.Array) -> jax.Array:
     dtype = self.cfg.compute_dtype
-    x = jnp.take(self.embedding.value, tokens, axis=0).astype(dtype)
+    x = jnp.take(self.embedding[...], tokens, axis=0).astype(dtype)
     return x * jnp.asarray(math.sqrt(self.cfg.d_model), dtype)
 
   def _insert_markers(self, x, key_mask):
@@ -163,7 +172,7 @@ class MeDiMTransformer(nnx.Module):
       raise ValueError(f"sequence length {x.shape[1]} does not match the model's segments "
                        f"{self.cfg.segment_lengths}")
     batch = x.shape[0]
-    markers = self.markers.value.astype(x.dtype) * jnp.asarray(math.sqrt(self.cfg.d_model), x.dtype)
+    markers = self.markers[...].astype(x.dtype) * jnp.asarray(math.sqrt(self.cfg.d_model), x.dtype)
     pieces, mask_pieces, start = [], [], 0
     for i, length in enumerate(self.cfg.segment_lengths):
       pieces += [jnp.broadcast_to(markers[i], (batch, 1, x.shape[2])), x[:, start:start + length]]
@@ -188,12 +197,17 @@ class MeDiMTransformer(nnx.Module):
     if self.markers is not None:
       x, key_mask = self._insert_markers(x, key_mask)
     positions = jnp.arange(x.shape[1])
+    if self.positions is not None:
+      if x.shape[1] != self.cfg.learned_positions:
+        raise ValueError(f"sequence of {x.shape[1]} positions; the position embedding has "
+                         f"{self.cfg.learned_positions}")
+      x = x + (self.positions[...] * math.sqrt(self.cfg.d_model)).astype(dtype)[None]
     for block in self.blocks:
       x = block(x, cond, positions, key_mask)
     if self.markers is not None:
       x = self._remove_markers(x)
     x = self.final_norm(x)
-    head = self.embedding.value.T if self.lm_head is None else self.lm_head.value
+    head = self.embedding[...].T if self.lm_head is None else self.lm_head[...]
     return jnp.dot(x, head.astype(dtype), preferred_element_type=jnp.float32)
 
 

@@ -47,6 +47,7 @@ def get_config(arg=None):
   config.diffusion.schedule = "loglinear"  # loglinear (paper) | linear | cosine
   config.diffusion.eps = 1e-3
   config.diffusion.t_min = 1e-3         # times are stratified over the batch in [t_min, 1]
+  config.diffusion.time_warp = "none"   # none: uniform t (ELBO, paper) | maskgit: more high-t states
   config.diffusion.task_probs = ml_collections.ConfigDict(dict(
       joint=0.6, report_to_image=0.15, image_to_report=0.15, drop_report=0.05, drop_image=0.05))
   config.diffusion.keep_prompt_prob = 0.1  # joint task: keep the report's prompt clean

@@ -94,7 +94,8 @@ class Trainer:
   def _loss(self, params, batch, key):
     time_key, mask_key = jax.random.split(key)
     tokens = batch["tokens"]
-    t = schedules.stratified_times(time_key, tokens.shape[0], self.config.diffusion.t_min)
+    t = schedules.stratified_times(time_key, tokens.shape[0], self.config.diffusion.t_min,
+                                   self.config.diffusion.time_warp)
     corrupted = corruption.corrupt(mask_key, tokens, batch["valid"], batch["prompt_length"], t,
                                    self.schedule, self.layout, self.task_mix)
     logits = self.model.apply(params, corrupted.noisy, self.schedule.sigma(t), batch["valid"])

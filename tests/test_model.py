@@ -76,11 +76,12 @@ def test_forward_matches_numpy_reference_of_gemma_blocks():
 
 
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
-@pytest.mark.parametrize("markers", [True, False])
-def test_shapes_and_dtypes(dtype, markers):
+@pytest.mark.parametrize("markers,positions", [(True, True), (False, False)])
+def test_shapes_and_dtypes(dtype, markers, positions):
   layout = helpers.LAYOUT
   seg = (layout.text_length, layout.image_length) if markers else ()
-  apply, params = helpers.tiny_model(dtype=dtype, segment_lengths=seg)
+  num_positions = (layout.seq_length + len(seg)) if positions else 0
+  apply, params = helpers.tiny_model(dtype=dtype, segment_lengths=seg, learned_positions=num_positions)
   tokens = jnp.asarray(helpers.random_tokens(np.random.default_rng(0), 2))
   logits = apply(params, tokens, jnp.ones((2,)))
   assert logits.shape == (2, layout.seq_length, layout.vocab_size)

@@ -44,3 +44,12 @@ def test_stratified_times_put_one_time_in_each_stratum():
 def test_unknown_schedule_is_a_clear_error():
   with pytest.raises(ValueError, match="unknown masking schedule 'cosin'"):
     schedules.get_schedule("cosin", 1e-3)
+
+
+def test_maskgit_time_warp_keeps_strata_and_favours_heavily_masked_states():
+  t = np.asarray(schedules.stratified_times(jax.random.PRNGKey(0), 64, t_min=0.0, warp="maskgit"))
+  u = np.arcsin(t) / (np.pi / 2)
+  np.testing.assert_array_equal(np.floor(u * 64), np.arange(64))
+  assert t.mean() > 0.6  # E[sin(pi/2 u)] = 2/pi
+  with pytest.raises(ValueError, match="time warp"):
+    schedules.stratified_times(jax.random.PRNGKey(0), 4, 0.0, warp="cosine")

@@ -81,8 +81,19 @@ def get_schedule(name: str, eps: float) -> MaskingSchedule:
   return SCHEDULES[name](eps=eps)
 
 
-def stratified_times(key: jax.Array, batch_size: int, t_min: float) -> jax.Array:
-  """Low-discrepancy times over the batch: t_i = (u_i + i) / n, mapped onto [t_min, 1]."""
-  u = jax.random.uniform(key, (batch_size,))
-  t = (u + jnp.arange(batch_size)) / batch_size
+TIME_WARPS = ("none", "maskgit")
+
+
+def stratified_times(key: jax.Array, batch_size: int, t_min: float, warp: str = "none") -> jax.Array:
+  """Low-discrepancy times over the batch: u_i = (v_i + i) / n, warped, mapped onto [t_min, 1].
+
+  ``warp="none"`` gives uniform t, the ELBO's own weighting of noise levels (the paper).
+  ``warp="maskgit"`` draws t = sin(pi/2 u), MaskGIT's cosine mask-ratio distribution: more
+  training on heavily masked states, where generation starts. It biases the objective away from
+  the ELBO on purpose (better samples from small models); the loss weights are not changed.
+  """
+  if warp not in TIME_WARPS:
+    raise ValueError(f"time warp must be one of {TIME_WARPS}, got {warp!r}")
+  u = (jax.random.uniform(key, (batch_size,)) + jnp.arange(batch_size)) / batch_size
+  t = jnp.sin(0.5 * math.pi * u) if warp == "maskgit" else u
   return t_min + (1.0 - t_min) * t

@@ -42,9 +42,6 @@ class Model:
     abstract = nnx.eval_shape(lambda: transformer.MeDiMTransformer(self.config, rngs=nnx.Rngs(0)))
     self.graphdef, abstract_state = nnx.split(abstract)
     self.abstract_params = nnx.to_pure_dict(abstract_state)
-    self.logical_axes = jax.tree.map(
-        lambda v: v.get_metadata().get("logical_axes"), abstract_state,
-        is_leaf=lambda x: isinstance(x, nnx.Variable))
 
   def init(self, seed: int):
     model = transformer.MeDiMTransformer(self.config, rngs=nnx.Rngs(seed))

@@ -198,6 +198,9 @@ class Sampler:
       sampled = jax.vmap(jax.random.categorical)(draw_keys[:, 0], log_probs)  # (B, L)
       noise_fn = jax.random.gumbel if cfg.strategy == "confidence" else jax.random.uniform
       noise = jax.vmap(lambda k: noise_fn(k, (length,)))(noise_keys[:, 0])
+      if cfg.strategy == "confidence":
+        chosen = jnp.take_along_axis(log_probs, sampled[..., None], axis=-1)[..., 0]
+        confidence = chosen + cfg.gumbel_scale * t[:, None] * noise
 
       reveal = jnp.zeros_like(masked)
       for seg, seg_mask in enumerate(in_segment):
@@ -209,9 +212,8 @@ class Sampler:
           target = jnp.maximum(jnp.round(initial_masked[seg] * fractions[seg][done_after]),
                                jnp.minimum(done_after, initial_masked[seg])).astype(jnp.int32)
           count = target - (initial_masked[seg] - candidates.sum(1))
-          chosen = jnp.take_along_axis(log_probs, sampled[..., None], axis=-1)[..., 0]
-          confidence = jnp.where(candidates, chosen + cfg.gumbel_scale * t[:, None] * noise, -jnp.inf)
-          rank = jnp.argsort(jnp.argsort(-confidence, axis=1, stable=True), axis=1)
+          ranked = jnp.where(candidates, confidence, -jnp.inf)
+          rank = jnp.argsort(jnp.argsort(-ranked, axis=1, stable=True), axis=1)
           reveal |= candidates & (rank < count[:, None])
         else:
           s_now = 1.0 - done_before / segment_steps[seg]
@@ -231,8 +233,10 @@ class Sampler:
       """Argmax at t ~ 0 for whatever is still masked (e.g. ancestral with alpha(0) < 1)."""
       t = jnp.full((batch,), cfg.final_t, jnp.float32)
       log_probs, nonfinite = self._guided_log_probs(params, x, given, self._sigma(x, generate, t), t)
+      left = x == layout.mask_id
+      nonfinite &= left.any(axis=1)  # only rows this pass fills: keeps rows batch-independent
       nonfinite_step = jnp.where(nonfinite & (nonfinite_step < 0), num_steps, nonfinite_step)
-      return jnp.where(x == layout.mask_id, jnp.argmax(log_probs, -1), x), nonfinite_step
+      return jnp.where(left, jnp.argmax(log_probs, -1), x), nonfinite_step
 
     x, nonfinite_step = jax.lax.cond(jnp.any(x == layout.mask_id), final_fill,
                                      lambda x, n: (x, n), x, nonfinite_step)

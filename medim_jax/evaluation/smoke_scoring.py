@@ -94,9 +94,8 @@ def score(task: str, tokens: np.ndarray, dataset) -> dict:
                zip(split.tokens[:len(tokens), layout.text_slice], split.prompt_length)]
     in_prompt = [{k for k, v in p.items() if v} for p in prompts]
     pair = {f"pair_{k}": v for k, v in agreement(images, reports).items()}
-    kept = {f"prompt_kept_in_image_{k}": v for k, v in agreement(images, prompts, in_prompt).items()}
-    return {**pair, "prompt_kept_in_image_all_attributes_accuracy":
-            kept["prompt_kept_in_image_all_attributes_accuracy"]}
+    kept = agreement(images, prompts, in_prompt)["all_attributes_accuracy"]
+    return {**pair, "prompt_kept_in_image_accuracy": kept}
   if task == "unconditional":
     return {f"pair_{k}": v for k, v in agreement(images, reports).items()}
   raise ValueError(f"no smoke score for task {task!r}")

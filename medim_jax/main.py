@@ -3,6 +3,8 @@
 Kept tiny on purpose: every mode is a library function that tests and notebooks call directly.
 """
 
+import sys
+
 from absl import app, flags, logging
 from ml_collections import config_flags
 
@@ -20,11 +22,13 @@ def main(argv):
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   logging.set_verbosity(logging.WARNING)  # orbax logs every file operation at INFO
   from medim_jax import jobs  # after flag parsing, so --help stays fast
-  jobs.run(_CONFIG.value, _WORKDIR.value, _MODE.value)
+  try:
+    jobs.run(_CONFIG.value, _WORKDIR.value, _MODE.value)
+  except FileNotFoundError as e:  # a missing checkpoint or input: the message says what to do
+    sys.exit(f"error: {e}")
 
 
 def run():
-  import sys
   from medim_jax import config_checks
   problems = config_checks.unknown_overrides(sys.argv[1:])
   if problems:

@@ -34,3 +34,11 @@ def test_unknown_config_key_is_one_clear_error(tmp_path):
   assert "unknown config key 'train.num_step'" in result.stderr
   assert "did you mean train.num_steps" in result.stderr
   assert "Traceback" not in result.stderr
+
+
+def test_sampling_without_a_checkpoint_says_to_train_first(tmp_path):
+  result = run_main("--config", "configs/smoke.py:tiny", "--workdir", str(tmp_path), "--mode", "sample",
+                    timeout=120)
+  assert result.returncode == 1
+  assert "no checkpoint in" in result.stderr and "train first" in result.stderr
+  assert "Traceback" not in result.stderr

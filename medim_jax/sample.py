@@ -55,7 +55,8 @@ def generate(config, workdir: str, dataset: data_base.PairedDataset | None = Non
     outputs = []
     for start in tqdm.trange(0, count, batch_size, desc=f"sample {task}", unit="batch"):
       rows = slice(start, start + batch_size)
-      out = sampler(params, inputs[rows], example_ids[rows], seed=config.sample.seed)
+      out = sampler(params, inputs[rows], example_ids[rows], seed=config.sample.seed,
+                    segment_steps=sampler.steps_for_task(task))
       outputs.append(np.asarray(out.tokens))
     tokens = np.concatenate(outputs)
     results[task] = tokens

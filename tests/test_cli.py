@@ -23,7 +23,8 @@ def test_mode_all_trains_samples_and_scores(tmp_path):
     rows = [json.loads(line) for line in (folder / "samples.jsonl").read_text().splitlines()]
     assert len(rows) == 4 and all("generated_report" in r for r in rows)
   scores = json.loads((tmp_path / "samples" / "scores.json").read_text())
-  assert 0.0 <= scores["image_to_report"]["all_attributes_accuracy"] <= 1.0
+  assert set(scores) == {"report_to_image", "image_to_report", "joint"}
+  assert "all_attributes_accuracy" in scores["image_to_report"]
   assert "Smoke scores" in result.stdout
 
 

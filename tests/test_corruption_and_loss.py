@@ -96,7 +96,7 @@ def test_loss_weight_is_the_schedules_weight_and_only_masked_positions_count():
   noised = jnp.ones(tokens.shape, bool)
   loss_mask = jnp.zeros(tokens.shape, bool).at[0, 1].set(True).at[0, 8].set(True)  # 1 text, 1 image
   c = corruption.Corruption(noisy=jnp.where(loss_mask, LAYOUT.mask_id, tokens), is_masked=loss_mask,
-                            noised=noised, loss_mask=loss_mask, task=jnp.zeros((1,), jnp.int32))
+                            noised=noised, loss_mask=loss_mask)
   t = jnp.array([0.25])
   logits = jax.random.normal(jax.random.PRNGKey(0), (1, LAYOUT.seq_length, LAYOUT.vocab_size))
   uniform = jnp.zeros_like(logits)

@@ -87,6 +87,8 @@ def test_report_reader_and_agreement():
   scores = smoke_scoring.agreement(predicted, truth)
   assert scores == {"colour_accuracy": 0.75, "shape_accuracy": 0.5, "position_accuracy": 0.75,
                     "all_attributes_accuracy": 0.25}
+  unreadable = {"colour": None, "shape": None, "position": None}
+  assert smoke_scoring.agreement([unreadable], [unreadable])["all_attributes_accuracy"] == 0.0
 
 
 @pytest.mark.parametrize("patch", [1, 2, 3])

@@ -41,7 +41,10 @@ CASES = [(strategy, task) for strategy in sampler_lib.STRATEGIES
 @pytest.mark.parametrize("strategy,task", CASES)
 def test_conditions_kept_masks_gone_and_ids_in_their_modality(strategy, task):
   _, x = random_partial_mask() if task == "infill" else inputs(task)
-  out = make_sampler(strategy=strategy)(PARAMS, x, np.arange(len(x)), seed=1)
+  sampler = make_sampler(strategy=strategy)
+  steps = None if task == "infill" else sampler.steps_for_task(task)
+  out = sampler(PARAMS, x, np.arange(len(x)), seed=1, segment_steps=steps)
+  num_steps = max(steps or (3, 5))
   tokens = np.asarray(out.tokens)
   given = x != LAYOUT.mask_id
   np.testing.assert_array_equal(tokens[given], x[given])
@@ -50,7 +53,8 @@ def test_conditions_kept_masks_gone_and_ids_in_their_modality(strategy, task):
   assert (tokens[:, modality == TEXT] < LAYOUT.text_vocab_size).all()
   assert (tokens[:, modality == IMAGE] >= LAYOUT.image_offset).all()
   reveal = np.asarray(out.reveal_step)
-  assert (reveal[given] == -1).all() and (reveal[~given] >= 0).all()
+  # Every generated position is revealed inside the loop (none is left to the final argmax).
+  assert (reveal[given] == -1).all() and (reveal[~given] >= 0).all() and (reveal[~given] < num_steps).all()
 
 
 @pytest.mark.parametrize("strategy", sampler_lib.STRATEGIES)
@@ -83,6 +87,22 @@ def test_a_sample_does_not_depend_on_the_batch_it_is_in(strategy):
   assert len({together[i].tobytes() for i in range(64)}) > 32, "examples must not share randomness"
   other_seed = np.asarray(sampler(PARAMS, x, ids, seed=8).tokens)
   assert not np.array_equal(other_seed, together)
+
+
+def test_a_sample_does_not_depend_on_the_tasks_of_the_other_rows():
+  _, report_to_image = inputs("report_to_image", batch=3, seed=1)
+  _, image_to_report = inputs("image_to_report", batch=3, seed=2)
+  mixed = np.concatenate([report_to_image, image_to_report])
+  sampler = make_sampler()
+  together = np.asarray(sampler(PARAMS, mixed, np.arange(6), seed=4).tokens)
+  alone = np.asarray(sampler(PARAMS, image_to_report, np.arange(3, 6), seed=4).tokens)
+  np.testing.assert_array_equal(together[3:], alone)
+
+
+def test_a_segment_with_masks_but_no_steps_is_an_error():
+  _, x = inputs("joint", batch=2)
+  with pytest.raises(ValueError, match="image segment has MASK tokens but 0 sampling steps"):
+    make_sampler()(PARAMS, x, np.arange(2), segment_steps=(3, 0))
 
 
 def test_confidence_sampler_reveals_per_segment_on_its_own_schedule():

@@ -86,12 +86,38 @@ def test_a_checkpoint_of_another_model_shape_is_a_clear_error(dataset, tmp_path)
   checkpointer.close()
 
 
+class InterruptedDataset:
+  """The dataset, but its training iterator dies (like a killed job) when asked for batch ``stop``."""
+
+  def __init__(self, dataset, stop):
+    self.dataset, self.stop = dataset, stop
+
+  def __getattr__(self, name):
+    return getattr(self.dataset, name)
+
+  def train_iterator(self, batch_size, seed):
+    inner, stop = self.dataset.train_iterator(batch_size, seed), self.stop
+
+    class Dying:
+      def __next__(self):
+        if inner.step + 1 == stop:
+          raise KeyboardInterrupt("simulated kill")
+        return next(inner)
+
+      def __getattr__(self, name):
+        return getattr(inner, name)
+
+    return Dying()
+
+
 def test_resume_gives_exactly_the_uninterrupted_run(dataset, tmp_path):
-  straight = train.train_and_evaluate(tiny_config(num_steps=6), str(tmp_path / "a"), dataset,
-                                      progress=False)
-  train.train_and_evaluate(tiny_config(num_steps=3), str(tmp_path / "b"), dataset, progress=False)
-  resumed = train.train_and_evaluate(tiny_config(num_steps=6), str(tmp_path / "b"), dataset,
-                                     progress=False)
+  config = tiny_config(num_steps=6, ema_decay=0.9, warmup_steps=2)
+  straight = train.train_and_evaluate(config, str(tmp_path / "a"), dataset, progress=False)
+  with pytest.raises(KeyboardInterrupt):  # killed while fetching batch 5; step 3 was checkpointed
+    train.train_and_evaluate(config, str(tmp_path / "b"), InterruptedDataset(dataset, stop=5),
+                             progress=False)
+  assert sorted(os.listdir(tmp_path / "b" / "checkpoints")) == ["3"]
+  resumed = train.train_and_evaluate(config, str(tmp_path / "b"), dataset, progress=False)
   assert int(resumed.step) == 6
   assert_trees_equal(straight, resumed)
   assert sorted(os.listdir(tmp_path / "b" / "checkpoints")) == ["3", "6"]

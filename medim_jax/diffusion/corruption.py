@@ -56,11 +56,10 @@ class Corruption:
   is_masked: jax.Array   # (B, L) bool
   noised: jax.Array      # (B, L) bool: the positions the schedule acts on (the ELBO's terms)
   loss_mask: jax.Array   # (B, L) bool: noised and masked (the terms that carry loss)
-  task: jax.Array        # (B,) int32 index into TASKS
 
 
 jax.tree_util.register_dataclass(
-    Corruption, data_fields=["noisy", "is_masked", "noised", "loss_mask", "task"], meta_fields=[])
+    Corruption, data_fields=["noisy", "is_masked", "noised", "loss_mask"], meta_fields=[])
 
 
 def corrupt(key: jax.Array, tokens: jax.Array, valid: jax.Array, prompt_length: jax.Array,
@@ -91,5 +90,4 @@ def corrupt(key: jax.Array, tokens: jax.Array, valid: jax.Array, prompt_length: 
   loss_mask = noised & draw
   is_masked = loss_mask | (forced & valid)
   noisy = jnp.where(is_masked, layout.mask_id, tokens).astype(jnp.int32)
-  return Corruption(noisy=noisy, is_masked=is_masked, noised=noised, loss_mask=loss_mask,
-                    task=task.astype(jnp.int32))
+  return Corruption(noisy=noisy, is_masked=is_masked, noised=noised, loss_mask=loss_mask)

@@ -24,7 +24,6 @@ it is generated in. Non-finite model outputs are recorded per example and raised
 from __future__ import annotations
 
 import dataclasses
-import functools
 import math
 from typing import Callable
 
@@ -115,14 +114,17 @@ class Sampler:
     self.config = config
     self._jitted = jax.jit(self._sample, static_argnames=("segment_steps",))
 
-  def steps_for(self, tokens: np.ndarray) -> tuple[int, int]:
-    """Step count per segment (text, image); 0 for a segment with nothing to generate."""
-    has_mask = [bool((tokens[:, sl] == self.layout.mask_id).any())
-                for sl in (self.layout.text_slice, self.layout.image_slice)]
-    steps = (self.config.text_steps, self.config.image_steps)
-    return tuple(s if m else 0 for s, m in zip(steps, has_mask))
+  def steps_for_task(self, task: str) -> tuple[int, int]:
+    """Step counts (text, image) for a task: 0 for the segment it does not generate."""
+    if task not in GENERATION_TASKS:
+      raise ValueError(f"unknown generation task {task!r}; choose from {GENERATION_TASKS}")
+    return (0 if task == "report_to_image" else self.config.text_steps,
+            0 if task == "image_to_report" else self.config.image_steps)
 
-  def __call__(self, params, tokens, example_ids, seed: int = 0) -> SampleOutput:
+  def __call__(self, params, tokens, example_ids, seed: int = 0,
+               segment_steps: tuple[int, int] | None = None) -> SampleOutput:
+    """Generate every MASK of ``tokens``. ``segment_steps`` (text, image) defaults to the config's;
+    a sample depends only on its own row, its example id, the seed and these step counts."""
     tokens = np.asarray(tokens, np.int32)
     example_ids = np.asarray(example_ids, np.int32)
     if tokens.ndim != 2 or tokens.shape[1] != self.layout.seq_length:
@@ -130,8 +132,15 @@ class Sampler:
     if example_ids.shape != tokens.shape[:1]:
       raise ValueError(f"example_ids must have shape {tokens.shape[:1]}, got {example_ids.shape}")
     self._check_given_tokens(tokens)
+    segment_steps = tuple(segment_steps or (self.config.text_steps, self.config.image_steps))
+    for name, sl, steps in zip(MODALITY_NAMES, (self.layout.text_slice, self.layout.image_slice),
+                               segment_steps):
+      if steps == 0 and (tokens[:, sl] == self.layout.mask_id).any():
+        raise ValueError(f"the {name} segment has MASK tokens but 0 sampling steps")
+    if max(segment_steps) < 1:
+      raise ValueError(f"segment_steps {segment_steps} give the sampler nothing to do")
     out = self._jitted(params, jnp.asarray(tokens), jnp.asarray(example_ids), jnp.asarray(seed),
-                       segment_steps=self.steps_for(tokens))
+                       segment_steps=segment_steps)
     check_finite(out, example_ids)
     return out
 

@@ -30,7 +30,7 @@ def _with_position(attributes: dict) -> dict:
 
 
 def read_image(cells: np.ndarray) -> dict:
-  """(8, 8) palette indices of a picture's cells -> {'colour', 'shape', 'position'}; None for
+  """(6, 6) palette indices of a picture's cells -> {'colour', 'shape', 'position'}; None for
   what cannot be read (several colours, no known shape, a shape across quadrants)."""
   grid = np.asarray(cells).reshape(smoke.GRID, smoke.GRID)
   rows, cols = np.nonzero(grid)
@@ -64,12 +64,16 @@ def read_report(text: str) -> dict:
 
 
 def agreement(predicted: list[dict], truth: list[dict], only: list[set] | None = None) -> dict:
-  """Per-attribute accuracy and the fraction of examples with every (checked) attribute right."""
+  """Per-attribute accuracy and the fraction of examples with every (checked) attribute right.
+
+  An attribute that cannot be read (None) is wrong on either side: two unreadable values do not agree.
+  """
   scores = {}
   all_right = np.ones(len(truth), bool)
   for attribute in ATTRIBUTES:
     right = np.array([
-        p[attribute] == t[attribute] if (only is None or attribute in o) else True
+        (p[attribute] is not None and p[attribute] == t[attribute])
+        if (only is None or attribute in o) else True
         for p, t, o in zip(predicted, truth, only or [None] * len(truth))])
     all_right &= right
     scores[f"{attribute}_accuracy"] = float(right.mean())

@@ -14,12 +14,41 @@ def get_config(arg=None):
 
   # Data: which paired image+report set feeds training, and its token layout.
   config.data = ml_collections.ConfigDict()
-  config.data.name = "smoke"            # smoke: procedural shapes + sentences, made in memory
+  config.data.name = "smoke"            # smoke (in memory) | medim_demo | folders (both via shards)
   config.data.num_train = 4096
   config.data.num_eval = 256
   config.data.image_size = 24           # pixels; smoke images are a 6x6 grid of 4-pixel cells
   config.data.image_patch = 1           # smoke: cells per image token side (1 -> 36 tokens per image)
   config.data.text_length = 8           # report tokens, EOS and padding included
+
+  # medim-demo (data.name="medim_demo"): built once into cache_dir, which git ignores.
+  config.data.cache_dir = ".cache/medim-demo"
+  config.data.demo_seed = 0
+  config.data.demo_parts = "chest,pathology"
+  config.data.demo_pathology_counts = ml_collections.ConfigDict(dict(train=1200, val=150, test=150))
+
+  # Paired folders (data.name="folders"): per dataset, NAME.png|jpg + NAME.txt folders per split,
+  # a prompt (the report's fixed first words, the joint task's conditioning) and a mixing weight.
+  # An empty val folder takes val_fraction of train. medim_demo fills the folders itself.
+  config.data.datasets = ml_collections.ConfigDict()
+  config.data.val_fraction = 0.05
+  config.data.square = "pad"            # pad (black) or crop non-square images to square
+  config.data.on_bad_pair = "skip"      # skip (and summarise) or error on a bad image/report pair
+
+  # Tokenizers used by --mode tokenize; shards record their fingerprints.
+  config.data.text_tokenizer = "train"  # train (SentencePiece on the training reports) | a .model | an HF dir
+  config.data.text_vocab_size = 1024    # for "train"
+  config.data.image_tokenizer = "patch_kmeans"  # fixed patch quantiser (stand-in for the VQ tokenizer)
+  config.data.image_codebook_size = 512
+  config.data.patch_pixels = 8          # pixels per image token side (64 px -> 8x8 tokens)
+  config.data.truncate_reports = True   # reports longer than the text segment are cut (and counted)
+
+  # Shards and the grain pipeline.
+  config.data.shards_dir = ""           # "" -> WORKDIR/shards; several comma-separated dirs are mixed
+  config.data.records_per_shard = 1024
+  config.data.train_on_padding = True   # padding is generated (reports end by themselves)
+  config.data.worker_count = 0          # grain worker processes (0: read in the main process)
+  config.data.read_threads = 4
 
   # Backbone: a Gemma-style transformer without the causal mask (see configs/medim_liquid7b.py).
   config.model = ml_collections.ConfigDict()

@@ -5,6 +5,9 @@ Images are uint8 arrays (B, H, W, 3); codes are int32 (B, tokens_per_image) in r
 
 from __future__ import annotations
 
+import hashlib
+import os
+
 import numpy as np
 
 
@@ -28,6 +31,9 @@ class PalettePatchTokenizer:
     self.cells = image_size // cell_size
     self.grid = self.cells // patch
     self.patterns = 2 ** (patch * patch) - 1  # non-empty fill patterns of one patch
+    digest = hashlib.sha256(self.palette.tobytes())
+    digest.update(f"{image_size},{cell_size},{patch}".encode())
+    self.fingerprint = "palette:" + digest.hexdigest()
 
   @property
   def codebook_size(self) -> int:
@@ -71,3 +77,100 @@ class PalettePatchTokenizer:
     grid = cells.reshape(b, g, g, p, p).transpose(0, 1, 3, 2, 4).reshape(b, self.cells, self.cells)
     pixels = self.palette[grid].repeat(self.cell_size, axis=1).repeat(self.cell_size, axis=2)
     return pixels.round().astype(np.uint8)
+
+
+class PatchKMeansTokenizer:
+  """A fixed patch quantiser: each ``patch x patch`` pixel block becomes its nearest codebook block.
+
+  The codebook is fitted by k-means on training patches. A stand-in for the learned VQ tokenizer
+  behind the same interface: good enough to carry coarse anatomy (heart size, effusion, large
+  opacities) through the token space, not fine detail.
+  """
+
+  def __init__(self, codebook, patch: int, image_size: int):
+    self.codebook = np.asarray(codebook, np.float32)  # (K, patch * patch * 3) in [0, 255]
+    if self.codebook.ndim != 2 or self.codebook.shape[1] != patch * patch * 3:
+      raise ValueError(f"codebook must be (K, {patch * patch * 3}), got {self.codebook.shape}")
+    if image_size % patch:
+      raise ValueError(f"image_size {image_size} is not a multiple of the patch size {patch}")
+    self.patch, self.image_size = patch, image_size
+    self.grid = image_size // patch
+    digest = hashlib.sha256(self.codebook.tobytes())
+    digest.update(f"{patch},{image_size}".encode())
+    self.fingerprint = "patch_kmeans:" + digest.hexdigest()
+
+  @property
+  def codebook_size(self) -> int:
+    return len(self.codebook)
+
+  @property
+  def tokens_per_image(self) -> int:
+    return self.grid * self.grid
+
+  def _patches(self, images) -> np.ndarray:
+    images = np.asarray(images)
+    expected = (self.image_size, self.image_size, 3)
+    if images.ndim != 4 or images.shape[1:] != expected:
+      raise ValueError(f"images must have shape (B, {expected[0]}, {expected[1]}, 3), got {images.shape}")
+    b, g, p = images.shape[0], self.grid, self.patch
+    patches = images.astype(np.float32).reshape(b, g, p, g, p, 3).transpose(0, 1, 3, 2, 4, 5)
+    return patches.reshape(b, g * g, p * p * 3)
+
+  def encode(self, images) -> np.ndarray:
+    patches = self._patches(images)
+    return _nearest(patches.reshape(-1, patches.shape[-1]), self.codebook).reshape(patches.shape[:2])
+
+  def decode(self, codes) -> np.ndarray:
+    codes = np.asarray(codes)
+    if codes.ndim != 2 or codes.shape[1] != self.tokens_per_image:
+      raise ValueError(f"codes must have shape (B, {self.tokens_per_image}), got {codes.shape}")
+    blocks = self.codebook[np.clip(codes, 0, self.codebook_size - 1)]
+    b, g, p = codes.shape[0], self.grid, self.patch
+    images = blocks.reshape(b, g, g, p, p, 3).transpose(0, 1, 3, 2, 4, 5)
+    return images.reshape(b, self.image_size, self.image_size, 3).round().clip(0, 255).astype(np.uint8)
+
+  @classmethod
+  def fit(cls, images, codebook_size: int, patch: int, seed: int, iterations: int = 15,
+          max_patches: int = 65_536) -> "PatchKMeansTokenizer":
+    """k-means (Lloyd) on up to ``max_patches`` training patches; empty clusters are re-seeded."""
+    images = np.asarray(images)
+    probe = cls(np.zeros((1, patch * patch * 3)), patch, images.shape[1])
+    patches = probe._patches(images).reshape(-1, patch * patch * 3)
+    rng = np.random.default_rng(seed)
+    if len(patches) > max_patches:
+      patches = patches[rng.choice(len(patches), max_patches, replace=False)]
+    if len(patches) < codebook_size:
+      raise ValueError(f"{len(patches)} patches cannot fit a codebook of {codebook_size}")
+    centres = patches[rng.choice(len(patches), codebook_size, replace=False)].copy()
+    for _ in range(iterations):
+      assignment = _nearest(patches, centres)
+      counts = np.bincount(assignment, minlength=codebook_size)
+      sums = np.zeros_like(centres)
+      np.add.at(sums, assignment, patches)
+      empty = counts == 0
+      centres[~empty] = sums[~empty] / counts[~empty, None]
+      centres[empty] = patches[rng.choice(len(patches), int(empty.sum()), replace=False)]
+    return cls(centres, patch, images.shape[1])
+
+  def save(self, path: str) -> None:
+    tmp = path + ".tmp.npz"
+    np.savez(tmp, codebook=self.codebook, patch=self.patch, image_size=self.image_size)
+    os.replace(tmp, path)
+
+  @classmethod
+  def load(cls, path: str) -> "PatchKMeansTokenizer":
+    try:
+      with np.load(path) as data:
+        return cls(data["codebook"], int(data["patch"]), int(data["image_size"]))
+    except (OSError, KeyError, ValueError) as e:
+      raise ValueError(f"{path} is not a patch-quantiser file: {e}") from None
+
+
+def _nearest(x: np.ndarray, centres: np.ndarray, chunk: int = 16_384) -> np.ndarray:
+  """Index of the nearest centre (squared L2) of each row of x, in chunks to bound memory."""
+  centre_norms = (centres ** 2).sum(-1)
+  out = np.empty(len(x), np.int32)
+  for start in range(0, len(x), chunk):
+    block = x[start:start + chunk]
+    out[start:start + chunk] = (centre_norms - 2.0 * block @ centres.T).argmin(-1)
+  return out

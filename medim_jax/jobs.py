@@ -7,18 +7,54 @@ import os
 from medim_jax import sample, train
 from medim_jax.data import base as data_base
 
+SHARD_DATA = ("medim_demo", "folders")
+
 
 def run(config, workdir: str, mode: str) -> None:
   os.makedirs(workdir, exist_ok=True)
   with open(os.path.join(workdir, "config.txt"), "w") as f:
     f.write(str(config))
-  dataset = data_base.build_dataset(config)
+  if mode == "data":
+    build_data(config)
+    return
+  if mode == "tokenize" or (mode == "all" and needs_tokenize(config, workdir)):
+    from medim_jax.data import tokenize
+    tokenize.tokenize(config, workdir)
+  if mode == "tokenize":
+    return
+  dataset = data_base.build_dataset(config, workdir)
   if mode in ("train", "all"):
     train.train_and_evaluate(config, workdir, dataset)
   if mode in ("sample", "all"):
     sample.generate(config, workdir, dataset)
-  if mode in ("score", "all"):
+  if mode == "score" or (mode == "all" and config.data.name == "smoke"):
     score(config, workdir, dataset)
+
+
+def needs_tokenize(config, workdir: str) -> bool:
+  """Shard data whose shards are not written yet (an existing set is reused as it is)."""
+  if config.data.name not in SHARD_DATA:
+    return False
+  from medim_jax.data import shards, tokenize
+  return not os.path.exists(os.path.join(tokenize.shards_dirs(config, workdir)[0], shards.MANIFEST))
+
+
+def build_data(config) -> None:
+  """--mode data: build medim-demo (or check the configured folders) and say what is there."""
+  if config.data.name == "medim_demo":
+    from medim_jax.data import demo
+    demo.build(config.data)
+  elif config.data.name == "folders":
+    from medim_jax.data import folders, tokenize
+    for name, source in tokenize.source_folders(config).items():
+      for split in tokenize.SPLITS:
+        if source[split]:
+          pairs, missing = folders.scan(source[split])
+          print(f"{name}/{split}: {source[split]}: {len(pairs)} pairs"
+                + (f", {len(missing)} files without a partner; first: {missing[0]}" if missing else ""))
+  else:
+    raise ValueError(f"--mode data builds medim_demo or checks folders; config.data.name is "
+                     f"{config.data.name!r} (smoke data is made in memory)")
 
 
 def score(config, workdir: str, dataset) -> dict:

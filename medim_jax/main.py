@@ -1,4 +1,4 @@
-"""Command line: ``python -m medim_jax.main --config configs/smoke.py --workdir DIR --mode all``.
+"""Command line: ``python -m medim_jax.main --config configs/demo.py --workdir DIR --mode all``.
 
 Kept tiny on purpose: every mode is a library function that tests and notebooks call directly.
 """
@@ -8,12 +8,15 @@ import sys
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-MODES = ("train", "sample", "score", "all")
+MODES = ("data", "tokenize", "train", "sample", "score", "all")
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file (configs/X.py[:arg]).",
                                           lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints, logs and samples.")
-_MODE = flags.DEFINE_enum("mode", "all", MODES, "train, sample, score, or all three in turn.")
+_MODE = flags.DEFINE_enum(
+    "mode", "all", MODES,
+    "data: build medim-demo; tokenize: write shards; train; sample; score (smoke data); "
+    "all: tokenize if needed, train, sample (and score smoke data).")
 flags.mark_flags_as_required(["config", "workdir"])
 
 

@@ -39,7 +39,7 @@ def tasks_from_config(config) -> list[str]:
 
 def generate(config, workdir: str, dataset: data_base.PairedDataset | None = None) -> dict:
   """Generate config.sample.num_examples per task from the eval split; returns tokens per task."""
-  dataset = dataset or data_base.build_dataset(config)
+  dataset = dataset or data_base.build_dataset(config, workdir)
   layout = dataset.layout
   trainer = train.Trainer(config, layout)
   params, step = load_sampling_params(config, workdir, trainer)

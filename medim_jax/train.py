@@ -163,7 +163,7 @@ def _format(metrics: dict[str, float]) -> str:
 def train_and_evaluate(config, workdir: str, dataset: data_base.PairedDataset | None = None,
                        progress: bool = True) -> TrainState:
   """Train (resuming from the latest checkpoint in workdir) up to config.train.num_steps."""
-  dataset = dataset or data_base.build_dataset(config)
+  dataset = dataset or data_base.build_dataset(config, workdir)
   train_cfg = config.train
   trainer = Trainer(config, dataset.layout)
   data_iter = dataset.train_iterator(train_cfg.batch_size, config.seed)

@@ -43,3 +43,30 @@ def test_sampling_without_a_checkpoint_says_to_train_first(tmp_path):
   assert result.returncode == 1
   assert "no checkpoint in" in result.stderr and "train first" in result.stderr
   assert "Traceback" not in result.stderr
+
+
+def test_folders_tokenize_then_train_and_sample_from_the_cli(tmp_path):
+  from tests.test_shards_and_pipeline import make_folder
+  make_folder(tmp_path / "xray", 40, 0)
+  make_folder(tmp_path / "slides", 30, 1)
+  workdir = tmp_path / "run"
+  common = ["--config", "configs/demo.py:tiny", "--workdir", str(workdir),
+            "--config.data.name=folders", "--config.data.image_size=16",
+            "--config.data.patch_pixels=4", "--config.data.image_codebook_size=8",
+            "--config.data.text_length=32", "--config.data.text_vocab_size=80",
+            f"--config.data.datasets.chest.train={tmp_path / 'xray'}",
+            f"--config.data.datasets.pathology.train={tmp_path / 'slides'}",
+            "--config.data.val_fraction=0.2"]
+  result = run_main(*common, "--mode", "tokenize", timeout=120)
+  assert result.returncode == 0, result.stderr[-3000:]
+  assert "Shards written to" in result.stdout and "chest:" in result.stdout
+  assert (workdir / "shards" / "manifest.json").exists()
+
+  result = run_main(*common, "--mode", "all")  # shards exist: reused, then train and sample
+  assert result.returncode == 0, result.stderr[-3000:]
+  assert "Shards written" not in result.stdout
+  metrics = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
+  assert any(m["split"] == "train" and m["step"] == 4 for m in metrics)
+  rows = [json.loads(line) for line in
+          (workdir / "samples" / "image_to_report" / "samples.jsonl").read_text().splitlines()]
+  assert len(rows) == 4 and all(isinstance(r["generated_report"], str) for r in rows)

@@ -80,9 +80,22 @@ class PairedDataset:
     return [self.eval.batch(r) for r in rows.reshape(num_batches, batch_size)]
 
 
-def build_dataset(config) -> PairedDataset:
+def build_dataset(config, workdir: str | None = None):
+  """The smoke set (made in memory), or the shards that --mode tokenize wrote for the config."""
   if config.data.name == "smoke":
     from medim_jax.data import smoke
     return smoke.build(config)
-  raise ValueError(f"unknown config.data.name {config.data.name!r}: this version knows 'smoke' "
-                   "(medim-demo and folder datasets arrive with the data pipeline)")
+  if config.data.name in ("medim_demo", "folders"):
+    from medim_jax.data import pipeline, tokenize
+    directories = tokenize.shards_dirs(config, workdir or ".")
+    dataset = pipeline.ShardDataset(
+        directories, weights={k: v.get("weight", 1.0) for k, v in config.data.datasets.items()},
+        train_on_padding=config.data.train_on_padding, read_threads=config.data.read_threads,
+        worker_count=config.data.worker_count)
+    if dataset.layout.text_length != config.data.text_length:
+      raise ValueError(f"shards in {directories[0]} hold {dataset.layout.text_length} text tokens "
+                       f"per row, the config {config.data.text_length}: re-run --mode tokenize "
+                       "(into a new data.shards_dir) or set data.text_length to match")
+    return dataset
+  raise ValueError(f"unknown config.data.name {config.data.name!r}: expected smoke, medim_demo "
+                   "or folders")

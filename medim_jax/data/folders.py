@@ -108,7 +108,19 @@ def load(folder: str, image_size: int, square: str = "pad", on_bad_pair: str = "
   pairs, skipped = scan(folder)
   if skipped and on_bad_pair == "error":
     raise skipped[0]
-  names, images, texts = [], [], []
+  data = load_pairs(pairs, image_size, square, on_bad_pair, progress)
+  data.folder, data.skipped = folder, skipped + data.skipped
+  if not data.names:
+    detail = f"; first problem: {data.skipped[0]}" if data.skipped else ""
+    raise BadPairError(f"{folder}: no usable image + report pairs (NAME.png|jpg with NAME.txt)"
+                       f"{detail}")
+  return data
+
+
+def load_pairs(pairs, image_size: int, square: str = "pad", on_bad_pair: str = "skip",
+               progress=None) -> FolderData:
+  """Read (name, image path, text path) pairs; bad ones are skipped or raised (see ``load``)."""
+  names, images, texts, skipped = [], [], [], []
   for name, image_path, text_path in pairs:
     try:
       texts.append(read_text(text_path))
@@ -121,8 +133,5 @@ def load(folder: str, image_size: int, square: str = "pad", on_bad_pair: str = "
       skipped.append(e)
     if progress:
       progress(1)
-  if not names:
-    detail = f"; first problem: {skipped[0]}" if skipped else ""
-    raise BadPairError(f"{folder}: no usable image + report pairs (NAME.png|jpg with NAME.txt)"
-                       f"{detail}")
-  return FolderData(folder, names, np.stack(images), texts, skipped)
+  stacked = np.stack(images) if images else np.zeros((0, image_size, image_size, 3), np.uint8)
+  return FolderData("", names, stacked, texts, skipped)

@@ -1,0 +1,180 @@
+"""ArrayRecord shards of fixed-length token rows, with a manifest that says how they were made.
+
+A row is one little-endian int32 vector:
+  [dataset_id, example_id, prompt_length, text ids (T), text mask (T), image codes (I)]
+Text ids and image codes are the tokenizers' own ids; the joint layout (text | MASK | image) is
+applied when batches are read, so shards do not depend on it. The manifest (``manifest.json``)
+records the layout, counts per dataset and split, every file with its size and sha256, and the
+fingerprints of both tokenizers: rows made by one tokenizer are never read with another.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+import shutil
+
+import numpy as np
+
+MANIFEST = "manifest.json"
+FORMAT_VERSION = 1
+
+
+class ShardError(ValueError):
+  """Shards that cannot be used as asked; the message names the directory or file."""
+
+
+@dataclasses.dataclass(frozen=True)
+class RowLayout:
+  text_length: int
+  image_length: int
+
+  @property
+  def row_length(self) -> int:
+    return 3 + 2 * self.text_length + self.image_length
+
+  def encode(self, dataset_id: int, example_id: int, prompt_length: int, text_ids, text_mask,
+             image_codes) -> bytes:
+    text_ids, image_codes = np.asarray(text_ids), np.asarray(image_codes)
+    if text_ids.shape != (self.text_length,) or image_codes.shape != (self.image_length,):
+      raise ShardError(f"a row needs {self.text_length} text ids and {self.image_length} image "
+                       f"codes, got {text_ids.shape} and {image_codes.shape}")
+    row = np.concatenate([[dataset_id, example_id, prompt_length], text_ids,
+                          np.asarray(text_mask, np.int32), image_codes]).astype("<i4")
+    return row.tobytes()
+
+  def decode(self, record: bytes) -> dict[str, np.ndarray]:
+    row = np.frombuffer(record, "<i4")
+    if row.size != self.row_length:
+      raise ShardError(f"a shard record holds {row.size} int32 values, the manifest's layout "
+                       f"{self.row_length}: the shard files and the manifest disagree")
+    t, i = self.text_length, self.image_length
+    return {"dataset_id": row[0], "example_id": row[1], "prompt_length": row[2],
+            "text": row[3:3 + t], "text_mask": row[3 + t:3 + 2 * t].astype(bool),
+            "image": row[3 + 2 * t:3 + 2 * t + i]}
+
+
+def _sha256(path: str) -> str:
+  digest = hashlib.sha256()
+  with open(path, "rb") as f:
+    for block in iter(lambda: f.read(1 << 20), b""):
+      digest.update(block)
+  return digest.hexdigest()
+
+
+def read_manifest(directory: str) -> dict:
+  path = os.path.join(directory, MANIFEST)
+  if not os.path.exists(path):
+    raise FileNotFoundError(f"no shards in {directory} ({MANIFEST} missing): run --mode tokenize "
+                            "first")
+  try:
+    with open(path) as f:
+      manifest = json.load(f)
+  except (json.JSONDecodeError, UnicodeDecodeError) as e:
+    raise ShardError(f"{path} is not valid JSON ({e}); re-run --mode tokenize") from None
+  if manifest.get("format_version") != FORMAT_VERSION:
+    raise ShardError(f"{path} has format {manifest.get('format_version')}, this version reads "
+                     f"{FORMAT_VERSION}; re-run --mode tokenize")
+  return manifest
+
+
+def row_layout(manifest: dict) -> RowLayout:
+  return RowLayout(**manifest["row_layout"])
+
+
+def check_same_tokenizers(manifests: dict[str, dict]) -> None:
+  """Refuse shard sets whose text or image tokenizers differ (their ids would mean other things)."""
+  items = list(manifests.items())
+  first_dir, first = items[0]
+  for directory, manifest in items[1:]:
+    for key in ("text_tokenizer", "image_tokenizer"):
+      a, b = first["tokenizers"][key]["fingerprint"], manifest["tokenizers"][key]["fingerprint"]
+      if a != b:
+        raise ShardError(f"shards in {directory} were made with another {key.replace('_', ' ')} "
+                         f"than those in {first_dir} ({b[:24]}... vs {a[:24]}...): they cannot be "
+                         "mixed; tokenize both with the same tokenizers")
+    if manifest["row_layout"] != first["row_layout"]:
+      raise ShardError(f"shards in {directory} have rows {manifest['row_layout']}, those in "
+                       f"{first_dir} {first['row_layout']}: they cannot be mixed")
+
+
+def split_files(directory: str, manifest: dict, split: str, dataset: str | None = None) -> list[str]:
+  """Paths of one split's shard files (of one dataset, or all), checked to exist with their size."""
+  paths = []
+  for entry in manifest["files"]:
+    if entry["split"] != split or (dataset is not None and entry["dataset"] != dataset):
+      continue
+    path = os.path.join(directory, entry["name"])
+    if not os.path.exists(path):
+      raise ShardError(f"shard {path} listed in the manifest is missing; re-run --mode tokenize")
+    if os.path.getsize(path) != entry["bytes"]:
+      raise ShardError(f"shard {path} has {os.path.getsize(path)} bytes, the manifest says "
+                       f"{entry['bytes']}: the file is truncated or was changed; re-run --mode tokenize")
+    paths.append(path)
+  return paths
+
+
+def verify(directory: str) -> None:
+  """Check every shard file's sha256 against the manifest."""
+  manifest = read_manifest(directory)
+  for entry in manifest["files"]:
+    path = os.path.join(directory, entry["name"])
+    split_files(directory, manifest, entry["split"], entry["dataset"])
+    if _sha256(path) != entry["sha256"]:
+      raise ShardError(f"shard {path} does not match its sha256 in the manifest: it is corrupt")
+
+
+def write(directory: str, rows: dict, layout: RowLayout, tokenizers: dict, datasets: dict,
+          records_per_shard: int, include_files: dict | None = None, extra: dict | None = None) -> dict:
+  """Write ``rows[(dataset, split)] -> list of row bytes`` and the manifest; returns the manifest.
+
+  ``include_files`` (name inside the set -> source path) are copied in: the tokenizers the rows were
+  made with travel with them. Everything is written into a temporary directory that then replaces
+  ``directory``, so readers never see half a set. An existing set made with other tokenizers is
+  refused, not overwritten.
+  """
+  from array_record.python import array_record_module
+
+  directory = os.path.abspath(directory)
+  if os.path.exists(os.path.join(directory, MANIFEST)):
+    old = read_manifest(directory)
+    try:
+      check_same_tokenizers({directory: old, "the new shards": {"tokenizers": tokenizers,
+                                                                "row_layout": vars(layout)}})
+    except ShardError as e:
+      raise ShardError(f"{e}. Refusing to replace them: choose another data.shards_dir or delete "
+                       f"{directory}") from None
+  tmp = f"{directory}.partial-{os.getpid()}"
+  shutil.rmtree(tmp, ignore_errors=True)
+  os.makedirs(tmp)
+  files, counts = [], {}
+  for (dataset, split), records in sorted(rows.items()):
+    counts.setdefault(dataset, {})[split] = len(records)
+    num_shards = max(1, -(-len(records) // records_per_shard))
+    for k in range(num_shards):
+      name = f"{dataset}.{split}-{k:05d}-of-{num_shards:05d}.array_record"
+      path = os.path.join(tmp, name)
+      writer = array_record_module.ArrayRecordWriter(path, "group_size:1")
+      chunk = records[k * records_per_shard:(k + 1) * records_per_shard]
+      for record in chunk:
+        writer.write(record)
+      writer.close()
+      files.append({"name": name, "dataset": dataset, "split": split, "records": len(chunk),
+                    "bytes": os.path.getsize(path), "sha256": _sha256(path)})
+  manifest = {"format_version": FORMAT_VERSION, "row_layout": vars(layout), "tokenizers": tokenizers,
+              "datasets": datasets, "counts": counts, "files": files, **(extra or {})}
+  for name, source in (include_files or {}).items():
+    os.makedirs(os.path.dirname(os.path.join(tmp, name)), exist_ok=True)
+    (shutil.copytree if os.path.isdir(source) else shutil.copy2)(source, os.path.join(tmp, name))
+  with open(os.path.join(tmp, MANIFEST), "w") as f:
+    json.dump(manifest, f, indent=1)
+  if os.path.exists(directory):  # swap, then delete: a crash in between leaves one whole set
+    old = f"{directory}.old-{os.getpid()}"
+    os.replace(directory, old)
+    os.replace(tmp, directory)
+    shutil.rmtree(old)
+  else:
+    os.replace(tmp, directory)
+  return manifest

@@ -1,0 +1,132 @@
+"""The medim-demo pieces on inputs made here (the packages holding the real material are not
+needed): report parsing, the finding renderers on a synthetic phantom, the PA image convention,
+and the pathology measurements."""
+
+import io
+import tarfile
+
+import numpy as np
+import pytest
+
+from medim_jax.data import demo_chest, demo_pathology, iu_reports
+from medim_jax.data.iu_reports import Finding
+
+NX, NZ, MM = 64, 60, 5.0  # grid points along x (patient right -> left) and z (feet -> head)
+
+
+def box(x0, x1, z0, z1, value):
+  out = np.zeros((NX, NZ), np.float32)
+  out[x0:x1, z0:z1] = value
+  return out
+
+
+@pytest.fixture
+def phantom():
+  """Two lungs of upper/lower lobes 100 mm deep (right also a middle lobe), a heart between."""
+  lobes = {("right", "upper"): box(6, 28, 30, 55, 100), ("right", "middle"): box(6, 28, 25, 30, 100),
+           ("right", "lower"): box(6, 28, 5, 25, 100), ("left", "upper"): box(36, 58, 30, 55, 100),
+           ("left", "lower"): box(36, 58, 5, 30, 100)}
+  heart = box(26, 40, 8, 26, 80)
+  base = sum(lobes.values()) * 0.15 + heart + 40.0
+  return demo_chest.ChestPhantom(base=base, lobe_thickness=lobes,
+                                 lobe_density={k: v * 0.15 for k, v in lobes.items()},
+                                 heart_thickness=heart, dx=MM, dz=MM, lung_density=0.15)
+
+
+def finding(kind, term, side=None, zone=None, severity="small", multiple=False):
+  return Finding(kind, term, side, zone, severity, multiple)
+
+
+def test_effusion_fills_the_base_of_its_own_side(phantom):
+  delta = demo_chest.pleural_effusion(phantom, finding("pleural_effusion", "Pleural Effusion", "right"),
+                                      np.random.default_rng(0))
+  assert np.abs(delta[32:]).max() == 0  # nothing in the left lung
+  right = delta[6:28]
+  assert right[:, 5:10].mean() > 10 * max(right[:, 40:55].mean(), 1e-3)  # fluid at the base
+  assert delta.max() <= 100 * (1.0 - 0.15) + 1e-3  # at most the lobe turned to water
+
+
+def test_cardiomegaly_widens_the_heart_into_the_lungs(phantom):
+  rng = np.random.default_rng(0)
+  small = demo_chest.cardiomegaly(phantom, finding("cardiomegaly", "Cardiomegaly"), rng)
+  large = demo_chest.cardiomegaly(phantom, finding("cardiomegaly", "Cardiomegaly", severity="large"),
+                                  rng)
+  assert small.min() >= 0 and small[20:26, 8:26].sum() > 0 and small[40:46, 8:26].sum() > 0
+  assert small[:, 30:].sum() == 0 and small[:15].sum() == 0  # sideways only, next to the heart
+  assert large.sum() > small.sum()
+
+
+def test_pneumothorax_removes_lung_density_at_the_apex_of_its_side(phantom):
+  delta = demo_chest.pneumothorax(phantom, finding("pneumothorax", "Pneumothorax", "left"),
+                                  np.random.default_rng(0))
+  assert np.abs(delta[:32]).max() == 0
+  left = delta[36:58]
+  assert left[:, 45:55].min() < -10 and left[:, 5:15].min() == 0  # apex and upper wall only
+
+
+def test_nodule_is_a_sphere_in_the_requested_zone(phantom):
+  delta = demo_chest.nodule(phantom, finding("nodule", "Nodule", "right", "upper", "moderate"),
+                            np.random.default_rng(1))
+  peak_x, peak_z = np.unravel_index(delta.argmax(), delta.shape)
+  assert 6 <= peak_x < 28 and 30 <= peak_z < 55
+  radius = delta.max() / 2 / (demo_chest.SOFT_TISSUE - 0.15)
+  assert 9.0 - 5.0 <= radius <= 12.0  # the chord through the centre; grid points may miss it
+
+
+def test_render_uses_the_pa_convention(phantom):
+  """The patient's right appears on the image's left, the head at the top."""
+  marked = demo_chest.ChestPhantom(**{**vars(phantom), "base": phantom.base + box(10, 16, 40, 48, 200)})
+  image = demo_chest.render(marked, [], 32, np.random.default_rng(0)).astype(float)[..., 0]
+  plain = demo_chest.render(phantom, [], 32, np.random.default_rng(0)).astype(float)[..., 0]
+  difference = image - plain
+  rows, cols = np.unravel_index(difference.argmax(), difference.shape)
+  assert cols < 16 and rows < 16
+  assert image.shape == (32, 32)
+
+
+def test_report_parsing_and_cleaning(tmp_path):
+  assert iu_reports.parse_finding("normal") is None
+  f = iu_reports.parse_finding("Pleural Effusion/right/small")
+  assert (f.kind, f.side, f.zone, f.severity) == ("pleural_effusion", "right", None, "small")
+  f = iu_reports.parse_finding("Calcified Granuloma/lung/upper lobe/left/multiple")
+  assert (f.kind, f.side, f.zone, f.multiple) == ("calcified_granuloma", "left", "upper", True)
+  assert iu_reports.parse_finding("Cardiomegaly/severe").severity == "large"
+  assert iu_reports.clean_text("Normal chest x-XXXX. Heart  XXXX normal .") == "normal chest. heart normal."
+
+  def xml(uid, findings, impression, terms):
+    majors = "".join(f"<major>{t}</major>" for t in terms)
+    return (f'<eCitation><uId id="{uid}"/><MedlineCitation><Article><Abstract>'
+            f'<AbstractText Label="FINDINGS">{findings}</AbstractText>'
+            f'<AbstractText Label="IMPRESSION">{impression}</AbstractText>'
+            f"</Abstract></Article></MedlineCitation><MeSH>{majors}</MeSH></eCitation>").encode()
+  archive = tmp_path / "reports.tgz"
+  with tarfile.open(archive, "w:gz") as tar:
+    for i, content in enumerate([xml("CXR10", "Small right effusion.", "Effusion.",
+                                     ["Pleural Effusion/right/small"]),
+                                 xml("CXR2", "Clear lungs.", "Normal.", ["normal"]),
+                                 xml("CXR3", "Hardware.", "Fracture.", ["Fractures, Bone"]),
+                                 xml("CXR4", "", "", ["normal"])]):
+      info = tarfile.TarInfo(f"ecgen-radiology/{i}.xml")
+      info.size = len(content)
+      tar.addfile(info, io.BytesIO(content))
+  reports = iu_reports.load_reports(str(archive))
+  assert [r.report_id for r in reports] == ["CXR2", "CXR10"]  # unrenderable and empty left out
+  assert reports[1].text == "small right effusion. effusion."
+  assert reports[1].labels["pleural_effusion"] and not any(reports[0].labels.values())
+
+
+def test_pathology_measurements_on_flat_colours():
+  white = np.full((16, 16, 3), 245, np.uint8)
+  purple = np.tile(np.array([90, 40, 140], np.uint8), (16, 16, 1))
+  pink = np.tile(np.array([235, 140, 185], np.uint8), (16, 16, 1))
+  assert demo_pathology.measure(white).tissue_fraction == 0
+  half = white.copy()
+  half[:8] = purple[:8]
+  assert demo_pathology.measure(half).tissue_fraction == 0.5
+  assert demo_pathology.measure(purple).stain_ratio > demo_pathology.measure(pink).stain_ratio
+  assert demo_pathology.measure(purple).nuclear_fraction > demo_pathology.measure(pink).nuclear_fraction
+  cuts = {"nuclear_fraction": (0.2, 0.6), "stain_ratio": (1.0, 2.0)}
+  attrs = demo_pathology.attributes(demo_pathology.measure(purple), 10, cuts)
+  assert attrs["coverage"] == "full" and attrs["magnification"] == 10
+  caption = demo_pathology.caption(attrs, np.random.default_rng(0))
+  assert caption.startswith("h&e stained skin at 10x.") and caption.endswith(".")

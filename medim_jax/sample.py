@@ -6,9 +6,8 @@ import json
 import os
 
 import numpy as np
-import tqdm
 
-from medim_jax import checkpointing, train, visualize
+from medim_jax import checkpointing, progress, train, visualize
 from medim_jax.data import base as data_base
 from medim_jax.diffusion import sampler as sampler_lib
 
@@ -53,11 +52,14 @@ def generate(config, workdir: str, dataset: data_base.PairedDataset | None = Non
     inputs = sampler_lib.task_inputs(task, split.tokens[:count], split.prompt_length[:count], layout)
     example_ids = split.example_id[:count]
     outputs = []
-    for start in tqdm.trange(0, count, batch_size, desc=f"sample {task}", unit="batch"):
+    bar = progress.bar(-(-count // batch_size), f"sample {task}", "batch")
+    for start in range(0, count, batch_size):
       rows = slice(start, start + batch_size)
       out = sampler(params, inputs[rows], example_ids[rows], seed=config.sample.seed,
                     segment_steps=sampler.steps_for_task(task))
       outputs.append(np.asarray(out.tokens))
+      bar.update(1)
+    bar.close()
     tokens = np.concatenate(outputs)
     results[task] = tokens
     _write_task(os.path.join(workdir, "samples", task), task, inputs, tokens, split, dataset, step)

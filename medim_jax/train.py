@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import sys
 import time
 from typing import Any
 
@@ -13,10 +12,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-import tqdm
 from flax import nnx
 
-from medim_jax import checkpointing
+from medim_jax import checkpointing, progress as progress_bars
 from medim_jax.data import base as data_base
 from medim_jax.diffusion import corruption, loss as loss_lib, schedules
 from medim_jax.models import transformer
@@ -184,9 +182,7 @@ def train_and_evaluate(config, workdir: str, dataset: data_base.PairedDataset | 
   first_step = int(state.step)
   tokens_per_batch = train_cfg.batch_size * dataset.layout.seq_length
 
-  bar = tqdm.tqdm(total=train_cfg.num_steps, initial=first_step, desc="train", unit="step",
-                  disable=not progress, dynamic_ncols=True,
-                  mininterval=0.5 if sys.stderr.isatty() else 30.0)
+  bar = progress_bars.bar(train_cfg.num_steps, "train", "step", progress, initial=first_step)
   window_start, window_steps, window_metrics = time.perf_counter(), 0, []
   try:
     for step in range(first_step + 1, train_cfg.num_steps + 1):

@@ -24,9 +24,9 @@ import shutil
 import time
 
 import numpy as np
-import tqdm
 from PIL import Image
 
+from medim_jax import progress as progress_bars
 from medim_jax import visualize
 
 BUILDER_VERSION = 1
@@ -128,7 +128,7 @@ def _build_chest(folder: str, spec: dict, progress: bool):
   phantom = demo_chest.ChestPhantom.from_ct(*demo_chest.ct_paths())
   splits = chest_splits(reports, spec["seed"])
   labels, samples = [], []
-  bar = tqdm.tqdm(total=len(reports), desc="medim-demo chest", unit="image", disable=not progress)
+  bar = progress_bars.bar(len(reports), "medim-demo chest", "image", progress)
   for split, members in splits.items():
     os.makedirs(os.path.join(folder, split))
     for report in members:
@@ -155,8 +155,7 @@ def _build_pathology(folder: str, spec: dict, progress: bool):
   from medim_jax.data import demo_pathology
   slide = demo_pathology.read_slide(demo_pathology.slide_path())
   counts = spec["pathology_counts"]
-  bar = tqdm.tqdm(total=sum(counts.values()), desc="medim-demo pathology", unit="patch",
-                  disable=not progress)
+  bar = progress_bars.bar(sum(counts.values()), "medim-demo pathology", "patch", progress)
   patches, cuts = demo_pathology.make_patches(slide, counts, spec["image_size"], spec["seed"],
                                               progress=bar.update)
   bar.close()

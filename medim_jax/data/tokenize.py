@@ -16,8 +16,8 @@ import os
 import tempfile
 
 import numpy as np
-import tqdm
 
+from medim_jax import progress as progress_bars
 from medim_jax.data import folders, shards
 from medim_jax.tokenizers import image as image_tokenizers
 from medim_jax.tokenizers import text as text_tokenizers
@@ -137,7 +137,7 @@ def tokenize(config, workdir: str, progress: bool = True) -> dict:
 
     rows, index, truncated = {}, [], 0
     total = sum(len(p) for name in sources for p in split_pairs[name].values())
-    bar = tqdm.tqdm(total=total, desc="tokenize", unit="pair", disable=not progress)
+    bar = progress_bars.bar(total, "tokenize", "pair", progress)
     for dataset_id, (name, source) in enumerate(sources.items()):
       prompt_ids = text_tok.tokenize(source["prompt"]) if source["prompt"] else []
       for split in SPLITS:

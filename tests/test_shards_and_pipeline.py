@@ -108,6 +108,15 @@ def test_mixing_shards_of_other_tokenizers_is_refused(folder_root, shard_dir, tm
   assert file_hashes(shard_dir) == before  # nothing on disk was touched
 
 
+def test_tokenize_never_replaces_a_folder_that_holds_no_shards(folder_root, tmp_path):
+  precious = tmp_path / "my_data"
+  precious.mkdir()
+  (precious / "notes.txt").write_text("keep me")
+  with pytest.raises(shards.ShardError, match="not empty and holds no shards"):
+    tokenize.tokenize(folders_config(folder_root, str(precious)), "unused", progress=False)
+  assert (precious / "notes.txt").read_text() == "keep me"
+
+
 def test_truncated_shard_file_is_named(shard_dir, tmp_path):
   import shutil
   copy = str(tmp_path / "copy")

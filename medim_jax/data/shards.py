@@ -138,6 +138,10 @@ def write(directory: str, rows: dict, layout: RowLayout, tokenizers: dict, datas
   from array_record.python import array_record_module
 
   directory = os.path.abspath(directory)
+  if os.path.isdir(directory) and os.listdir(directory) and not os.path.exists(
+      os.path.join(directory, MANIFEST)):
+    raise ShardError(f"{directory} is not empty and holds no shards ({MANIFEST} missing): refusing "
+                     "to replace it; choose an empty or new data.shards_dir")
   if os.path.exists(os.path.join(directory, MANIFEST)):
     old = read_manifest(directory)
     try:

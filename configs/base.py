@@ -38,7 +38,7 @@ def get_config(arg=None):
   # Tokenizers used by --mode tokenize; shards record their fingerprints.
   config.data.text_tokenizer = "train"  # train (SentencePiece on the training reports) | a .model | an HF dir
   config.data.text_vocab_size = 1024    # for "train"
-  config.data.image_tokenizer = "patch_kmeans"  # fixed patch quantiser (stand-in for the VQ tokenizer)
+  config.data.image_tokenizer = "patch_kmeans"  # patch_kmeans (fitted here) | vq (WORKDIR/vq) | a .npz
   config.data.image_codebook_size = 512
   config.data.patch_pixels = 8          # pixels per image token side (64 px -> 8x8 tokens)
   config.data.truncate_reports = True   # reports longer than the text segment are cut (and counted)
@@ -49,6 +49,38 @@ def get_config(arg=None):
   config.data.train_on_padding = True   # padding is generated (reports end by themselves)
   config.data.worker_count = 0          # grain worker processes (0: read in the main process)
   config.data.read_threads = 4
+
+  # Image tokenizer (--mode train_vq): a VQGAN in the Chameleon/LlamaGen layout (models/vq.py).
+  # data.image_tokenizer="vq" then tokenizes with WORKDIR/vq/tokenizer.npz.
+  config.vq = ml_collections.ConfigDict()
+  config.vq.channels = 32
+  config.vq.channel_mult = (1, 2, 2, 4)   # 3 halvings: 8x downsampling (64 px -> 8x8 codes)
+  config.vq.num_res_blocks = 1
+  config.vq.attention_levels = ()
+  config.vq.mid_attention = True
+  config.vq.z_channels = 64
+  config.vq.embed_dim = 8
+  config.vq.codebook_size = 512
+  config.vq.l2_normalize = True
+  config.vq.commitment_beta = 0.25
+  config.vq.num_groups = 32
+  config.vq.in_channels = 3
+  config.vq_train = ml_collections.ConfigDict()
+  config.vq_train.batch_size = 32
+  config.vq_train.num_steps = 2000
+  config.vq_train.learning_rate = 1e-3
+  config.vq_train.warmup_steps = 100
+  config.vq_train.l1_weight = 1.0
+  config.vq_train.l2_weight = 1.0
+  config.vq_train.usage_decay = 0.99
+  config.vq_train.restart_every = 50      # 0 disables dead-code restarts
+  config.vq_train.dead_code_threshold = 0.03  # running usage below 3% of uniform counts as dead
+  config.vq_train.gan_weight = 0.0        # > 0 adds a PatchGAN hinge loss
+  config.vq_train.gan_start_step = 1000
+  config.vq_train.gan_channels = 32
+  config.vq_train.log_every = 100
+  config.vq_train.checkpoint_every = 500
+  config.vq_train.seed = 0
 
   # Backbone: a Gemma-style transformer without the causal mask (see configs/medim_liquid7b.py).
   config.model = ml_collections.ConfigDict()

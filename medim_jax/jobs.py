@@ -17,6 +17,10 @@ def run(config, workdir: str, mode: str) -> None:
   if mode == "data":
     build_data(config)
     return
+  if mode == "train_vq":
+    from medim_jax import train_vq
+    train_vq.train_vq(config, workdir)
+    return
   if mode == "tokenize" or (mode == "all" and needs_tokenize(config, workdir)):
     from medim_jax.data import tokenize
     tokenize.tokenize(config, workdir)

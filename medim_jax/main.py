@@ -8,14 +8,15 @@ import sys
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-MODES = ("data", "tokenize", "train", "sample", "score", "all")
+MODES = ("data", "train_vq", "tokenize", "train", "sample", "score", "all")
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file (configs/X.py[:arg]).",
                                           lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints, logs and samples.")
 _MODE = flags.DEFINE_enum(
     "mode", "all", MODES,
-    "data: build medim-demo; tokenize: write shards; train; sample; score (smoke data); "
+    "data: build medim-demo; train_vq: train the VQ image tokenizer; tokenize: write shards; "
+    "train; sample; score (smoke data); "
     "all: tokenize if needed, train, sample (and score smoke data).")
 flags.mark_flags_as_required(["config", "workdir"])
 

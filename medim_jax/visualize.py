@@ -25,3 +25,20 @@ def sample_grid(images, captions, path: str, columns: int = 8, image_px: int = 1
     sheet.paste(tile, (x, y))
     draw.multiline_text((x, y + image_px + 4), text, fill="black", font=font, spacing=2)
   sheet.save(path)
+
+
+def comparison_grid(columns, titles, path: str, image_px: int = 128) -> None:
+  """Save a PNG with one column per image set (e.g. originals, reconstructions), rows aligned."""
+  font = ImageFont.load_default()
+  rows = len(columns[0])
+  header, pad = 18, 4
+  sheet = Image.new("RGB", (len(columns) * (image_px + pad) + pad, header + rows * (image_px + pad)),
+                    "white")
+  draw = ImageDraw.Draw(sheet)
+  for c, (images, title) in enumerate(zip(columns, titles)):
+    x = pad + c * (image_px + pad)
+    draw.text((x, 3), title, fill="black", font=font)
+    for r, image in enumerate(images):
+      tile = Image.fromarray(np.asarray(image, np.uint8)).resize((image_px, image_px), Image.NEAREST)
+      sheet.paste(tile, (x, header + r * (image_px + pad)))
+  sheet.save(path)

@@ -57,9 +57,9 @@ def build(data_cfg, progress: bool = True) -> str:
   out = dataset_dir(data_cfg)
   manifest_path = os.path.join(out, "manifest.json")
   if os.path.exists(manifest_path):
-    with open(manifest_path) as f:
-      manifest = json.load(f)
-    print(f"medim-demo already built: {out}\n{describe(manifest)}")
+    if progress:
+      with open(manifest_path) as f:
+        print(f"medim-demo already built: {out}\n{describe(json.load(f))}")
     return out
   spec = settings(data_cfg)
   tmp = f"{out}.partial-{os.getpid()}"

@@ -184,7 +184,7 @@ def _load_tokenizer(directory: str, manifest: dict, key: str):
   if key == "text_tokenizer":
     tokenizer = text_tokenizers.load_text_tokenizer(path)
   else:
-    tokenizer = image_tokenizers.PatchKMeansTokenizer.load(path)
+    tokenizer = image_tokenizers.load_image_tokenizer(path)
   if tokenizer.fingerprint != record["fingerprint"]:
     raise shards.ShardError(f"the {key.replace('_', ' ')} at {path} is not the one the shards in "
                             f"{directory} were made with (fingerprint differs): re-run --mode tokenize")

@@ -90,8 +90,12 @@ def make_text_tokenizer(config, train_texts, staging: str):
   return tokenizer, os.path.abspath(spec)
 
 
-def make_image_tokenizer(config, train_pairs, staging: str, seed: int):
+def make_image_tokenizer(config, train_pairs, staging: str, seed: int, workdir: str = "."):
   spec = config.data.image_tokenizer
+  if spec == "vq":
+    spec = os.path.join(workdir, "vq", "tokenizer.npz")
+    if not os.path.exists(spec):
+      raise FileNotFoundError(f"no VQ tokenizer at {spec}: run --mode train_vq first")
   if spec == "patch_kmeans":
     rng = np.random.default_rng(seed)
     chosen = rng.permutation(len(train_pairs))[:MAX_IMAGES_FOR_CODEBOOK]
@@ -101,9 +105,9 @@ def make_image_tokenizer(config, train_pairs, staging: str, seed: int):
     tokenizer.save(os.path.join(staging, "image.npz"))
     return tokenizer, "tokenizers/image.npz"
   if spec.endswith(".npz"):
-    return image_tokenizers.PatchKMeansTokenizer.load(spec), os.path.abspath(spec)
-  raise ValueError(f"config.data.image_tokenizer {spec!r}: expected 'patch_kmeans' or a saved "
-                   "patch-quantiser .npz")
+    return image_tokenizers.load_image_tokenizer(spec), os.path.abspath(spec)
+  raise ValueError(f"config.data.image_tokenizer {spec!r}: expected 'patch_kmeans', 'vq' or a "
+                   "saved image tokenizer .npz")
 
 
 def tokenizer_record(kind: str, tokenizer, path: str, size: int) -> dict:
@@ -132,7 +136,8 @@ def tokenize(config, workdir: str, progress: bool = True) -> dict:
       train_texts.append(source["prompt"])
     text_tok, text_path = make_text_tokenizer(config, train_texts, staging)
     all_train = [p for name in sources for p in split_pairs[name]["train"]]
-    image_tok, image_path = make_image_tokenizer(config, all_train, staging, config.data.demo_seed)
+    image_tok, image_path = make_image_tokenizer(config, all_train, staging, config.data.demo_seed,
+                                                 workdir)
     layout = shards.RowLayout(config.data.text_length, image_tok.tokens_per_image)
 
     rows, index, truncated = {}, [], 0

@@ -174,3 +174,129 @@ def _nearest(x: np.ndarray, centres: np.ndarray, chunk: int = 16_384) -> np.ndar
     block = x[start:start + chunk]
     out[start:start + chunk] = (centre_norms - 2.0 * block @ centres.T).argmin(-1)
   return out
+
+
+class VQTokenizer:
+  """A trained (or converted) VQ model behind the image tokenizer interface; jitted, batched."""
+
+  KIND = "vq"
+
+  def __init__(self, vq_config, params, image_size: int, batch_size: int = 64):
+    import jax
+    from flax import nnx
+
+    from medim_jax.models import vq
+    self.config = vq_config
+    self.image_size, self.batch_size = image_size, batch_size
+    if image_size % vq_config.downsample:
+      raise ValueError(f"image_size {image_size} is not a multiple of the VQ downsampling "
+                       f"{vq_config.downsample}")
+    self.grid = image_size // vq_config.downsample
+    abstract = nnx.eval_shape(lambda: vq.VQModel(vq_config, rngs=nnx.Rngs(0)))
+    graphdef, _ = nnx.split(abstract)
+    self.params = jax.tree.map(np.asarray, params)
+    digest = hashlib.sha256(repr(vq_config).encode())
+    for path, leaf in sorted(_flatten(self.params).items()):
+      digest.update(path.encode())
+      digest.update(np.ascontiguousarray(leaf).tobytes())
+    self.fingerprint = "vq:" + digest.hexdigest()
+
+    def encode(params, images):
+      x = images.astype(np.float32) / 127.5 - 1.0
+      return nnx.merge(graphdef, params).encode(x)
+
+    def decode(params, codes):
+      x = nnx.merge(graphdef, params).decode(codes)
+      return (jax.numpy.clip(x, -1.0, 1.0) + 1.0) * 127.5
+
+    self._encode, self._decode = jax.jit(encode), jax.jit(decode)
+
+  @property
+  def codebook_size(self) -> int:
+    return self.config.codebook_size
+
+  @property
+  def tokens_per_image(self) -> int:
+    return self.grid * self.grid
+
+  def _batches(self, array):
+    """Fixed-size batches (the last one padded), so each shape compiles once."""
+    for start in range(0, len(array), self.batch_size):
+      chunk = array[start:start + self.batch_size]
+      pad = self.batch_size - len(chunk)
+      yield np.concatenate([chunk, np.repeat(chunk[-1:], pad, axis=0)]) if pad else chunk, len(chunk)
+
+  def encode(self, images) -> np.ndarray:
+    images = np.asarray(images)
+    expected = (self.image_size, self.image_size, 3)
+    if images.ndim != 4 or images.shape[1:] != expected:
+      raise ValueError(f"images must have shape (B, {expected[0]}, {expected[1]}, 3), got {images.shape}")
+    out = [np.asarray(self._encode(self.params, batch))[:n] for batch, n in self._batches(images)]
+    codes = np.concatenate(out) if out else np.zeros((0, self.grid, self.grid), np.int32)
+    return codes.reshape(len(images), -1).astype(np.int32)
+
+  def decode(self, codes) -> np.ndarray:
+    codes = np.asarray(codes)
+    if codes.ndim != 2 or codes.shape[1] != self.tokens_per_image:
+      raise ValueError(f"codes must have shape (B, {self.tokens_per_image}), got {codes.shape}")
+    grids = np.clip(codes, 0, self.codebook_size - 1).reshape(-1, self.grid, self.grid)
+    out = [np.asarray(self._decode(self.params, batch))[:n] for batch, n in self._batches(grids)]
+    return np.concatenate(out).round().astype(np.uint8)
+
+  def save(self, path: str) -> None:
+    import dataclasses
+    import json
+    arrays = {f"param:{k}": v for k, v in _flatten(self.params).items()}
+    config = json.dumps(dataclasses.asdict(self.config))
+    tmp = path + ".tmp.npz"
+    np.savez(tmp, kind=self.KIND, config=config, image_size=self.image_size, **arrays)
+    os.replace(tmp, path)
+
+  @classmethod
+  def load(cls, path: str) -> "VQTokenizer":
+    import json
+
+    from medim_jax.models import vq
+    try:
+      with np.load(path) as data:
+        config = vq.VQConfig(**{k: tuple(v) if isinstance(v, list) else v
+                                for k, v in json.loads(str(data["config"])).items()})
+        flat = {k[len("param:"):]: data[k] for k in data.files if k.startswith("param:")}
+        image_size = int(data["image_size"])
+    except (OSError, KeyError, ValueError, TypeError) as e:
+      raise ValueError(f"{path} is not a VQ tokenizer file: {e}") from None
+    return cls(config, _unflatten(flat), image_size)
+
+
+def _flatten(tree, prefix="") -> dict:
+  out = {}
+  for key, value in tree.items():
+    name = f"{prefix}/{key}" if prefix else str(key)
+    if isinstance(value, dict):
+      out.update(_flatten(value, name))
+    else:
+      out[name] = np.asarray(value)
+  return out
+
+
+def _unflatten(flat: dict) -> dict:
+  tree = {}
+  for name, value in flat.items():
+    node = tree
+    *parents, leaf = name.split("/")
+    for part in parents:
+      node = node.setdefault(int(part) if part.isdigit() else part, {})
+    node[int(leaf) if leaf.isdigit() else leaf] = value
+  return tree
+
+
+def load_image_tokenizer(path: str):
+  """A saved image tokenizer (.npz): the VQ model or the patch quantiser, told apart by its contents."""
+  if not os.path.exists(path):
+    raise FileNotFoundError(f"image tokenizer {path} does not exist")
+  try:
+    with np.load(path) as data:
+      kind = str(data["kind"]) if "kind" in data.files else "patch_kmeans"
+  except (OSError, ValueError) as e:
+    raise ValueError(f"{path} is not an image tokenizer file: {e}") from None
+  return VQTokenizer.load(path) if kind == VQTokenizer.KIND else PatchKMeansTokenizer.load(path)

@@ -1,0 +1,272 @@
+"""``--mode train_vq``: train the VQ image tokenizer on the training images of the configured data.
+
+Loss: L1 + L2 reconstruction, codebook and commitment terms, and optionally a PatchGAN hinge loss
+after ``vq_train.gan_start_step``. Codes whose running usage falls below a threshold are restarted
+on encoder outputs of the current batch (dead-code restarts). Codebook usage and perplexity are
+logged; checkpoints resume exactly (batches depend only on the seed and the step). At the end the
+tokenizer is exported to ``WORKDIR/vq/tokenizer.npz`` and evaluated on the test split: PSNR of the
+decoded uint8 images, codebook usage and perplexity, next to the k-means patch stand-in at the same
+token count, with a PNG of originals beside reconstructions.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from typing import Any
+
+import flax
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import nnx
+
+from medim_jax import checkpointing, progress, visualize
+from medim_jax.models import vq
+from medim_jax.tokenizers import image as image_tokenizers
+
+
+@flax.struct.dataclass
+class VQTrainState:
+  step: jax.Array
+  params: Any
+  opt_state: Any
+  disc_params: Any        # PatchGAN discriminator, or None
+  disc_opt_state: Any
+  usage: jax.Array        # running share of each code, x codebook size (uniform use = 1)
+
+
+class PatchDiscriminator(nnx.Module):
+  """A small PatchGAN: strided 4x4 convolutions to a map of real/fake logits."""
+
+  def __init__(self, channels: int, *, rngs: nnx.Rngs):
+    self.conv1 = nnx.Conv(3, channels, (4, 4), strides=2, rngs=rngs)
+    self.conv2 = nnx.Conv(channels, 2 * channels, (4, 4), strides=2, rngs=rngs)
+    self.norm2 = nnx.GroupNorm(2 * channels, num_groups=min(32, 2 * channels), rngs=rngs)
+    self.conv3 = nnx.Conv(2 * channels, 1, (4, 4), rngs=rngs)
+
+  def __call__(self, x):
+    x = jax.nn.leaky_relu(self.conv1(x), 0.2)
+    x = jax.nn.leaky_relu(self.norm2(self.conv2(x)), 0.2)
+    return self.conv3(x)
+
+
+def psnr(a, b) -> np.ndarray:
+  """Per-image PSNR in dB of uint8 images (peak 255)."""
+  mse = ((np.asarray(a, np.float64) - np.asarray(b, np.float64)) ** 2).mean(axis=(1, 2, 3))
+  return 10.0 * np.log10(255.0 ** 2 / np.maximum(mse, 1e-10))
+
+
+def code_statistics(codes, codebook_size: int) -> dict[str, float]:
+  counts = np.bincount(np.asarray(codes).ravel(), minlength=codebook_size)
+  p = counts / counts.sum()
+  entropy = -(p[p > 0] * np.log(p[p > 0])).sum()
+  return {"codebook_usage": float((counts > 0).mean()), "perplexity": float(np.exp(entropy))}
+
+
+class VQTrainer:
+
+  def __init__(self, config):
+    self.config, self.train_cfg = config, config.vq_train
+    self.vq_config = vq.VQConfig.from_config(config.vq)
+    abstract = nnx.eval_shape(lambda: vq.VQModel(self.vq_config, rngs=nnx.Rngs(0)))
+    self.graphdef, _ = nnx.split(abstract)
+    cfg = self.train_cfg
+    self.tx = optax.chain(optax.clip_by_global_norm(1.0), optax.adam(
+        optax.warmup_cosine_decay_schedule(0.0, cfg.learning_rate, cfg.warmup_steps,
+                                           max(cfg.num_steps, cfg.warmup_steps + 1),
+                                           cfg.learning_rate * 0.1), b1=0.5, b2=0.9))
+    self.use_gan = cfg.gan_weight > 0
+    if self.use_gan:
+      disc = nnx.eval_shape(lambda: PatchDiscriminator(cfg.gan_channels, rngs=nnx.Rngs(0)))
+      self.disc_graphdef, _ = nnx.split(disc)
+      self.disc_tx = optax.adam(cfg.learning_rate, b1=0.5, b2=0.9)
+    self.train_step = jax.jit(self._train_step, donate_argnums=(0,))
+
+  def init_state(self, seed: int) -> VQTrainState:
+    def init():
+      params = nnx.to_pure_dict(nnx.state(vq.VQModel(self.vq_config, rngs=nnx.Rngs(seed))))
+      disc = disc_opt = None
+      if self.use_gan:
+        disc = nnx.to_pure_dict(nnx.state(PatchDiscriminator(self.train_cfg.gan_channels,
+                                                              rngs=nnx.Rngs(seed + 1))))
+        disc_opt = self.disc_tx.init(disc)
+      return VQTrainState(step=jnp.zeros((), jnp.int32), params=params,
+                          opt_state=self.tx.init(params), disc_params=disc, disc_opt_state=disc_opt,
+                          usage=jnp.ones((self.vq_config.codebook_size,), jnp.float32))
+    return jax.jit(init)()
+
+  def abstract_state(self) -> VQTrainState:
+    return jax.eval_shape(lambda: self.init_state(0))
+
+  def _generator_loss(self, params, disc_params, images, gan_on):
+    cfg = self.train_cfg
+    recon, indices, losses, latents = nnx.merge(self.graphdef, params)(images)
+    l1 = jnp.mean(jnp.abs(recon - images))
+    l2 = jnp.mean((recon - images) ** 2)
+    loss = cfg.l1_weight * l1 + cfg.l2_weight * l2 + losses["codebook_loss"] + losses["commitment_loss"]
+    metrics = {"l1": l1, "l2": l2, **losses}
+    if self.use_gan:
+      fake_logits = nnx.merge(self.disc_graphdef, disc_params)(recon)
+      gan = -jnp.mean(fake_logits)
+      loss = loss + gan_on * cfg.gan_weight * gan
+      metrics["generator_gan_loss"] = gan
+    metrics["loss"] = loss
+    return loss, (metrics, indices, latents, recon)
+
+  def _train_step(self, state: VQTrainState, images, key):
+    cfg, k = self.train_cfg, self.vq_config.codebook_size
+    gan_on = (state.step >= cfg.gan_start_step).astype(jnp.float32)
+    grads, (metrics, indices, latents, recon) = jax.grad(self._generator_loss, has_aux=True)(
+        state.params, state.disc_params, images, gan_on)
+    updates, opt_state = self.tx.update(grads, state.opt_state, state.params)
+    params = optax.apply_updates(state.params, updates)
+
+    counts = jnp.bincount(indices.ravel(), length=k).astype(jnp.float32)
+    usage = cfg.usage_decay * state.usage + (1 - cfg.usage_decay) * counts * k / counts.sum()
+    restart = (cfg.restart_every > 0) & ((state.step + 1) % max(cfg.restart_every, 1) == 0)
+    dead = restart & (usage < cfg.dead_code_threshold)
+    flat = latents.reshape(-1, latents.shape[-1])
+    replacement = flat[jax.random.randint(key, (k,), 0, flat.shape[0])]
+    embedding = params["quantize"]["embedding"]
+    params["quantize"]["embedding"] = jnp.where(dead[:, None], replacement, embedding)
+    usage = jnp.where(dead, 1.0, usage)
+
+    disc_params, disc_opt_state = state.disc_params, state.disc_opt_state
+    if self.use_gan:
+      def disc_loss(d):
+        disc = nnx.merge(self.disc_graphdef, d)
+        real, fake = disc(images), disc(jax.lax.stop_gradient(recon))
+        return gan_on * (jnp.mean(jax.nn.relu(1 - real)) + jnp.mean(jax.nn.relu(1 + fake)))
+      d_loss, d_grads = jax.value_and_grad(disc_loss)(disc_params)
+      d_updates, disc_opt_state = self.disc_tx.update(d_grads, disc_opt_state, disc_params)
+      disc_params = optax.apply_updates(disc_params, d_updates)
+      metrics["discriminator_loss"] = d_loss
+
+    p = counts / counts.sum()
+    metrics["perplexity"] = jnp.exp(-jnp.sum(jnp.where(p > 0, p * jnp.log(p), 0.0)))
+    metrics["batch_codebook_usage"] = jnp.mean(counts > 0)
+    metrics["dead_codes_restarted"] = jnp.sum(dead)
+    metrics["psnr"] = 10.0 * jnp.log10(4.0 / jnp.maximum(metrics["l2"], 1e-10))
+    new_state = VQTrainState(step=state.step + 1, params=params, opt_state=opt_state,
+                             disc_params=disc_params, disc_opt_state=disc_opt_state, usage=usage)
+    return new_state, metrics
+
+  def tokenizer(self, state: VQTrainState, image_size: int) -> image_tokenizers.VQTokenizer:
+    return image_tokenizers.VQTokenizer(self.vq_config, state.params, image_size)
+
+
+def load_split_images(config, split: str) -> tuple[np.ndarray, list[str]]:
+  """All images of one split of the configured datasets, and which dataset each came from."""
+  from medim_jax.data import folders, tokenize
+  images, names = [], []
+  for name, source in tokenize.source_folders(config, progress=False).items():
+    folder = source[split] or (source["val"] if split == "test" else "")
+    if not folder:
+      continue
+    data = folders.load(folder, config.data.image_size, config.data.square, config.data.on_bad_pair)
+    images.append(data.images)
+    names += [name] * len(data)
+  if not images:
+    raise ValueError(f"no {split} images in the configured datasets")
+  return np.concatenate(images), names
+
+
+def batch_at(images: np.ndarray, step: int, batch_size: int, seed: int) -> np.ndarray:
+  """Batch ``step``: random rows and random horizontal flips, a function of (seed, step) only."""
+  rng = np.random.default_rng([seed, step])
+  rows = rng.integers(0, len(images), batch_size)
+  batch = images[rows].astype(np.float32) / 127.5 - 1.0
+  flip = rng.random(batch_size) < 0.5
+  batch[flip] = batch[flip, :, ::-1]
+  return batch
+
+
+def train_vq(config, workdir: str, progress_bars: bool = True) -> dict:
+  cfg = config.vq_train
+  out_dir = os.path.join(workdir, "vq")
+  os.makedirs(out_dir, exist_ok=True)
+  train_images, _ = load_split_images(config, "train")
+  trainer = VQTrainer(config)
+  checkpointer = checkpointing.Checkpointer(os.path.join(out_dir, "checkpoints"), 2)
+  if checkpointer.latest_step() is not None:
+    state = checkpointer.restore(trainer.abstract_state())
+    print(f"Resumed VQ training from {checkpointer.directory}/{int(state.step)}")
+  else:
+    state = trainer.init_state(cfg.seed)
+    count = sum(np.size(x) for x in jax.tree.leaves(state.params))
+    print(f"New VQ tokenizer: {count:,} parameters, {trainer.vq_config.downsample}x downsampling, "
+          f"codebook {trainer.vq_config.codebook_size}; {len(train_images)} training images")
+  log = open(os.path.join(out_dir, "metrics.jsonl"), "a")
+  bar = progress.bar(cfg.num_steps, "train_vq", "step", progress_bars, initial=int(state.step))
+  window, start = [], time.perf_counter()
+  key = jax.random.PRNGKey(cfg.seed)
+  try:
+    for step in range(int(state.step) + 1, cfg.num_steps + 1):
+      batch = batch_at(train_images, step, cfg.batch_size, cfg.seed)
+      state, metrics = trainer.train_step(state, batch, jax.random.fold_in(key, step))
+      window.append(metrics)
+      bar.update(1)
+      if step % cfg.log_every == 0 or step == cfg.num_steps:
+        summary = {k: float(np.mean([m[k] for m in window])) for k in window[0]}
+        summary["dead_codes_restarted"] = float(np.sum([m["dead_codes_restarted"] for m in window]))
+        summary["steps_per_s"] = len(window) / (time.perf_counter() - start)
+        log.write(json.dumps({"step": step, "split": "train", **summary}) + "\n")
+        log.flush()
+        bar.write(f"vq step {step}: loss={summary['loss']:.4f} psnr={summary['psnr']:.2f}dB "
+                  f"perplexity={summary['perplexity']:.1f} usage={summary['batch_codebook_usage']:.3f} "
+                  f"restarted={summary['dead_codes_restarted']:.0f}")
+        window, start = [], time.perf_counter()
+      if step % cfg.checkpoint_every == 0 or step == cfg.num_steps:
+        checkpointer.save(step, state)
+  finally:
+    bar.close()
+    checkpointer.close()
+    log.close()
+
+  tokenizer = trainer.tokenizer(state, config.data.image_size)
+  path = os.path.join(out_dir, "tokenizer.npz")
+  tokenizer.save(path)
+  report = evaluate(config, tokenizer, out_dir, train_images)
+  print(f"VQ tokenizer saved to {path}\n{describe(report)}")
+  return report
+
+
+def evaluate(config, tokenizer, out_dir: str, train_images) -> dict:
+  """Test-split PSNR, usage and perplexity of the VQ tokenizer and of the k-means stand-in."""
+  test_images, datasets = load_split_images(config, "test")
+  codes = tokenizer.encode(test_images)
+  recon = tokenizer.decode(codes)
+  stand_in = image_tokenizers.PatchKMeansTokenizer.fit(
+      train_images, config.data.image_codebook_size,
+      config.data.image_size // int(np.sqrt(tokenizer.tokens_per_image)), seed=0)
+  stand_in_recon = stand_in.decode(stand_in.encode(test_images))
+  names = sorted(set(datasets))
+  report = {"test_images": len(test_images), "tokens_per_image": tokenizer.tokens_per_image,
+            "vq": {"psnr_db": float(psnr(test_images, recon).mean()),
+                   **code_statistics(codes, tokenizer.codebook_size),
+                   "per_dataset_psnr_db": {n: float(psnr(test_images[[d == n for d in datasets]],
+                                                         recon[[d == n for d in datasets]]).mean())
+                                           for n in names}},
+            "patch_kmeans_stand_in": {
+                "psnr_db": float(psnr(test_images, stand_in_recon).mean()),
+                "codebook_size": stand_in.codebook_size}}
+  with open(os.path.join(out_dir, "test_metrics.json"), "w") as f:
+    json.dump(report, f, indent=1)
+  shown = [i for n in names for i in [j for j, d in enumerate(datasets) if d == n][:6]]
+  visualize.comparison_grid([test_images[shown], recon[shown], stand_in_recon[shown]],
+                            ["original", "VQ tokenizer", "k-means patches"],
+                            os.path.join(out_dir, "reconstructions.png"))
+  return report
+
+
+def describe(report: dict) -> str:
+  v, s = report["vq"], report["patch_kmeans_stand_in"]
+  per = ", ".join(f"{k} {x:.2f} dB" for k, x in v["per_dataset_psnr_db"].items())
+  return (f"  test split ({report['test_images']} images, {report['tokens_per_image']} tokens each): "
+          f"PSNR {v['psnr_db']:.2f} dB ({per}); codebook usage {v['codebook_usage']:.3f}, "
+          f"perplexity {v['perplexity']:.1f}\n"
+          f"  k-means patch stand-in, same token count: PSNR {s['psnr_db']:.2f} dB\n"
+          f"  originals beside reconstructions: reconstructions.png")

@@ -35,6 +35,16 @@ def get_config(arg=None):
   config.diffusion.task_probs = dict(joint=0.3, report_to_image=0.3, image_to_report=0.3,
                                      drop_report=0.05, drop_image=0.05)
 
+  # VQ tokenizer for 64 px (8x8 codes): small enough to train on 2 CPU cores (about 11 minutes).
+  config.vq.channels = 16
+  config.vq.channel_mult = (1, 2, 4, 4)
+  config.vq_train.batch_size = 16
+  config.vq_train.num_steps = 600
+  config.vq_train.learning_rate = 2e-3
+  config.vq_train.warmup_steps = 50
+  config.vq_train.usage_decay = 0.95
+  config.vq_train.log_every = 50
+
   config.train.batch_size = 32
   config.train.num_steps = 1000
   config.train.learning_rate = 2e-3
@@ -48,6 +58,16 @@ def get_config(arg=None):
   config.sample.num_examples = 32
 
   if arg == "tiny":
+    config.vq.channels = 8
+    config.vq.channel_mult = (1, 2)
+    config.vq.z_channels = 8
+    config.vq.embed_dim = 4
+    config.vq.codebook_size = 16
+    config.vq_train.batch_size = 4
+    config.vq_train.num_steps = 4
+    config.vq_train.log_every = 2
+    config.vq_train.checkpoint_every = 2
+    config.vq_train.restart_every = 2
     config.data.text_vocab_size = 256
     config.data.image_codebook_size = 64
     config.data.text_length = 48

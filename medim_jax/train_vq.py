@@ -158,6 +158,10 @@ class VQTrainer:
     return image_tokenizers.VQTokenizer(self.vq_config, state.params, image_size)
 
 
+class NoImagesError(ValueError):
+  pass
+
+
 def load_split_images(config, split: str) -> tuple[np.ndarray, list[str]]:
   """All images of one split of the configured datasets, and which dataset each came from."""
   from medim_jax.data import folders, tokenize
@@ -170,7 +174,7 @@ def load_split_images(config, split: str) -> tuple[np.ndarray, list[str]]:
     images.append(data.images)
     names += [name] * len(data)
   if not images:
-    raise ValueError(f"no {split} images in the configured datasets")
+    raise NoImagesError(f"no {split} folder in the configured datasets")
   return np.concatenate(images), names
 
 
@@ -229,7 +233,11 @@ def train_vq(config, workdir: str, progress_bars: bool = True) -> dict:
   tokenizer = trainer.tokenizer(state, config.data.image_size)
   path = os.path.join(out_dir, "tokenizer.npz")
   tokenizer.save(path)
-  report = evaluate(config, tokenizer, out_dir, train_images)
+  try:
+    report = evaluate(config, tokenizer, out_dir, train_images)
+  except NoImagesError as e:
+    print(f"VQ tokenizer saved to {path}; not evaluated: {e}")
+    return {}
   print(f"VQ tokenizer saved to {path}\n{describe(report)}")
   return report
 
@@ -244,15 +252,18 @@ def evaluate(config, tokenizer, out_dir: str, train_images) -> dict:
       config.data.image_size // int(np.sqrt(tokenizer.tokens_per_image)), seed=0)
   stand_in_recon = stand_in.decode(stand_in.encode(test_images))
   names = sorted(set(datasets))
+  members = {n: np.array([d == n for d in datasets]) for n in names}
+
+  def quality(reconstructions):
+    scores = psnr(test_images, reconstructions)
+    return {"psnr_db": float(scores.mean()),
+            "per_dataset_psnr_db": {n: float(scores[m].mean()) for n, m in members.items()}}
+
   report = {"test_images": len(test_images), "tokens_per_image": tokenizer.tokens_per_image,
-            "vq": {"psnr_db": float(psnr(test_images, recon).mean()),
-                   **code_statistics(codes, tokenizer.codebook_size),
-                   "per_dataset_psnr_db": {n: float(psnr(test_images[[d == n for d in datasets]],
-                                                         recon[[d == n for d in datasets]]).mean())
-                                           for n in names}},
-            "patch_kmeans_stand_in": {
-                "psnr_db": float(psnr(test_images, stand_in_recon).mean()),
-                "codebook_size": stand_in.codebook_size}}
+            "vq": {**quality(recon), **code_statistics(codes, tokenizer.codebook_size)},
+            "patch_kmeans_stand_in": {**quality(stand_in_recon),
+                                      **code_statistics(stand_in.encode(test_images),
+                                                        stand_in.codebook_size)}}
   with open(os.path.join(out_dir, "test_metrics.json"), "w") as f:
     json.dump(report, f, indent=1)
   shown = [i for n in names for i in [j for j, d in enumerate(datasets) if d == n][:6]]
@@ -263,10 +274,11 @@ def evaluate(config, tokenizer, out_dir: str, train_images) -> dict:
 
 
 def describe(report: dict) -> str:
-  v, s = report["vq"], report["patch_kmeans_stand_in"]
-  per = ", ".join(f"{k} {x:.2f} dB" for k, x in v["per_dataset_psnr_db"].items())
-  return (f"  test split ({report['test_images']} images, {report['tokens_per_image']} tokens each): "
-          f"PSNR {v['psnr_db']:.2f} dB ({per}); codebook usage {v['codebook_usage']:.3f}, "
-          f"perplexity {v['perplexity']:.1f}\n"
-          f"  k-means patch stand-in, same token count: PSNR {s['psnr_db']:.2f} dB\n"
-          f"  originals beside reconstructions: reconstructions.png")
+  lines = [f"  test split: {report['test_images']} images, {report['tokens_per_image']} tokens each"]
+  for name, label in (("vq", "VQ tokenizer"), ("patch_kmeans_stand_in", "k-means patches")):
+    r = report[name]
+    per = ", ".join(f"{k} {x:.2f} dB" for k, x in r["per_dataset_psnr_db"].items())
+    lines.append(f"  {label}: PSNR {r['psnr_db']:.2f} dB ({per}); codebook usage "
+                 f"{r['codebook_usage']:.3f}, perplexity {r['perplexity']:.1f}")
+  lines.append("  originals beside reconstructions: reconstructions.png")
+  return "\n".join(lines)

@@ -45,7 +45,7 @@ def test_sampling_without_a_checkpoint_says_to_train_first(tmp_path):
   assert "Traceback" not in result.stderr
 
 
-def test_folders_tokenize_then_train_and_sample_from_the_cli(tmp_path):
+def test_folders_train_vq_tokenize_train_and_sample_from_the_cli(tmp_path):
   from tests.test_shards_and_pipeline import make_folder
   make_folder(tmp_path / "xray", 40, 0)
   make_folder(tmp_path / "slides", 30, 1)
@@ -57,10 +57,15 @@ def test_folders_tokenize_then_train_and_sample_from_the_cli(tmp_path):
             f"--config.data.datasets.chest.train={tmp_path / 'xray'}",
             f"--config.data.datasets.pathology.train={tmp_path / 'slides'}",
             "--config.data.val_fraction=0.2"]
+  result = run_main(*common, "--mode", "train_vq", timeout=120)
+  assert result.returncode == 0, result.stderr[-3000:]
+  assert (workdir / "vq" / "tokenizer.npz").exists() and "VQ tokenizer saved" in result.stdout
+  common.append("--config.data.image_tokenizer=vq")
   result = run_main(*common, "--mode", "tokenize", timeout=120)
   assert result.returncode == 0, result.stderr[-3000:]
   assert "Shards written to" in result.stdout and "chest:" in result.stdout
-  assert (workdir / "shards" / "manifest.json").exists()
+  manifest = json.loads((workdir / "shards" / "manifest.json").read_text())
+  assert manifest["tokenizers"]["image_tokenizer"]["fingerprint"].startswith("vq:")
 
   result = run_main(*common, "--mode", "all")  # shards exist: reused, then train and sample
   assert result.returncode == 0, result.stderr[-3000:]

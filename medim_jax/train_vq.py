@@ -264,6 +264,13 @@ def evaluate(config, tokenizer, out_dir: str, train_images) -> dict:
             "patch_kmeans_stand_in": {**quality(stand_in_recon),
                                       **code_statistics(stand_in.encode(test_images),
                                                         stand_in.codebook_size)}}
+  if config.data.name == "medim_demo" and "chest" in config.data.demo_parts:
+    from medim_jax.data import demo_chest
+    from medim_jax.evaluation import finding_visibility
+    phantom = demo_chest.ChestPhantom.from_ct(*demo_chest.ct_paths())
+    for name, tok in (("vq", tokenizer), ("patch_kmeans_stand_in", stand_in)):
+      report[name]["finding_contrast_retained"] = finding_visibility.finding_visibility(
+          tok, config.data.image_size, phantom=phantom)
   with open(os.path.join(out_dir, "test_metrics.json"), "w") as f:
     json.dump(report, f, indent=1)
   shown = [i for n in names for i in [j for j, d in enumerate(datasets) if d == n][:6]]
@@ -280,5 +287,8 @@ def describe(report: dict) -> str:
     per = ", ".join(f"{k} {x:.2f} dB" for k, x in r["per_dataset_psnr_db"].items())
     lines.append(f"  {label}: PSNR {r['psnr_db']:.2f} dB ({per}); codebook usage "
                  f"{r['codebook_usage']:.3f}, perplexity {r['perplexity']:.1f}")
+    if "finding_contrast_retained" in r:
+      lines.append("    finding contrast retained: " + ", ".join(
+          f"{k} {v:.2f}" for k, v in r["finding_contrast_retained"].items()))
   lines.append("  originals beside reconstructions: reconstructions.png")
   return "\n".join(lines)

@@ -130,3 +130,29 @@ def test_pathology_measurements_on_flat_colours():
   assert attrs["coverage"] == "full" and attrs["magnification"] == 10
   caption = demo_pathology.caption(attrs, np.random.default_rng(0))
   assert caption.startswith("h&e stained skin at 10x.") and caption.endswith(".")
+
+
+class Identity:
+  def encode(self, images):
+    return images
+
+  def decode(self, codes):
+    return codes
+
+
+class Blank:
+  def encode(self, images):
+    return images
+
+  def decode(self, codes):
+    return np.zeros_like(codes)
+
+
+def test_finding_visibility_is_one_for_a_lossless_tokenizer_and_zero_for_a_blind_one(phantom):
+  from medim_jax.evaluation import finding_visibility
+  with_finding, without = finding_visibility.paired_renders(phantom, "pleural_effusion", 3, 32, 0)
+  assert (with_finding != without).any()
+  difference = np.abs(with_finding.astype(int) - without).sum(axis=(1, 2, 3))
+  assert (difference > 0).all()  # same pose and film: only the finding differs, in every pair
+  assert finding_visibility.retained_fraction(Identity(), with_finding, without) == 1.0
+  assert finding_visibility.retained_fraction(Blank(), with_finding, without) == 0.0

@@ -265,8 +265,13 @@ RENDERERS = {"cardiomegaly": cardiomegaly, "pleural_effusion": pleural_effusion,
              "calcified_granuloma": calcified_granuloma}
 
 
-def render(phantom: ChestPhantom, findings, image_size: int, rng) -> np.ndarray:
-  """(image_size, image_size, 3) uint8 radiograph with the findings, in a random pose."""
+def render(phantom: ChestPhantom, findings, image_size: int, rng, pose_rng=None) -> np.ndarray:
+  """(image_size, image_size, 3) uint8 radiograph with the findings, in a random pose.
+
+  ``pose_rng`` (default: ``rng``) draws pose, exposure and noise; passing the same one twice renders
+  the same patient and film with and without a finding.
+  """
+  pose_rng = rng if pose_rng is None else pose_rng
   projection = phantom.base.copy()
   for finding in findings:
     projection += RENDERERS[finding.kind](phantom, finding, rng)
@@ -275,9 +280,9 @@ def render(phantom: ChestPhantom, findings, image_size: int, rng) -> np.ndarray:
   # size and box-filtered, so small findings are not lost to aliasing.
   supersample = 2
   size = image_size * supersample
-  angle = np.deg2rad(rng.uniform(-4.0, 4.0))
-  scale = rng.uniform(0.93, 1.07)
-  shift = rng.uniform(-0.04, 0.04, size=2) * FIELD_OF_VIEW_MM
+  angle = np.deg2rad(pose_rng.uniform(-4.0, 4.0))
+  scale = pose_rng.uniform(0.93, 1.07)
+  shift = pose_rng.uniform(-0.04, 0.04, size=2) * FIELD_OF_VIEW_MM
   lung = phantom.lung_thickness()
   gx, gz = phantom.grid_mm()
   centre_x, centre_z = _weighted_centre(lung, gx, gz)
@@ -293,9 +298,9 @@ def render(phantom: ChestPhantom, findings, image_size: int, rng) -> np.ndarray:
                                   mode="nearest")
   image = image.reshape(image_size, supersample, image_size, supersample).mean(axis=(1, 3))
 
-  exposure = np.percentile(phantom.base, 99.5) * rng.uniform(0.95, 1.08)
-  gamma = rng.uniform(1.4, 2.0)
+  exposure = np.percentile(phantom.base, 99.5) * pose_rng.uniform(0.95, 1.08)
+  gamma = pose_rng.uniform(1.4, 2.0)
   image = np.clip(image / exposure, 0.0, 1.0) ** gamma
-  image = image + rng.normal(0.0, rng.uniform(0.004, 0.015), image.shape)
+  image = image + pose_rng.normal(0.0, pose_rng.uniform(0.004, 0.015), image.shape)
   gray = (np.clip(image, 0.0, 1.0) * 255.0).round().astype(np.uint8)
   return np.repeat(gray[..., None], 3, axis=-1)

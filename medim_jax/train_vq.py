@@ -189,6 +189,9 @@ def batch_at(images: np.ndarray, step: int, batch_size: int, seed: int) -> np.nd
 
 
 def train_vq(config, workdir: str, progress_bars: bool = True) -> dict:
+  if config.data.name not in ("medim_demo", "folders"):
+    raise ValueError(f"--mode train_vq trains on medim_demo or folders images; config.data.name is "
+                     f"{config.data.name!r} (the smoke data has its own exact palette tokenizer)")
   cfg = config.vq_train
   out_dir = os.path.join(workdir, "vq")
   os.makedirs(out_dir, exist_ok=True)

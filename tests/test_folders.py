@@ -67,3 +67,16 @@ def test_no_usable_pairs_and_missing_folder_are_errors(tmp_path):
   write_pair(tmp_path, "only_image", text=None)
   with pytest.raises(folders.BadPairError, match="no usable image \\+ report pairs.*only_image.png"):
     folders.load(str(tmp_path), image_size=8)
+
+
+def test_sixteen_bit_greyscale_is_scaled_not_clipped_and_duplicates_are_skipped(tmp_path):
+  ramp = (np.arange(16 * 16, dtype=np.uint16).reshape(16, 16) * 250).astype(np.uint16)  # 0..63750
+  Image.fromarray(ramp).save(tmp_path / "film.png")  # a 16-bit PNG, as radiographs often are
+  (tmp_path / "film.txt").write_text("a film")
+  write_pair(tmp_path, "twin")
+  write_pair(tmp_path, "twin", ext=".jpg")
+  data = folders.load(str(tmp_path), image_size=16)
+  film = data.images[data.names.index("film")]
+  assert film.min() == 0 and film.max() == 255 and (film == 255).mean() < 0.05
+  assert [e.kind for e in data.skipped] == ["duplicate image"]
+  assert "twin.png" in str(data.skipped[0]) and "kept twin.jpg" in str(data.skipped[0])

@@ -37,8 +37,15 @@ def read_state_dict(path: str) -> dict[str, np.ndarray]:
     import torch
   except ImportError:
     raise ImportError(f"reading {path} needs torch: pip install torch (the CPU wheel is enough)") from None
-  state = torch.load(path, map_location="cpu", weights_only=True)
-  for key in ("state_dict", "model", "ema"):  # Lightning and LlamaGen wrap the weights
+  import pickle
+  try:
+    state = torch.load(path, map_location="cpu", weights_only=True)
+  except pickle.UnpicklingError as e:
+    raise ValueError(
+        f"{path} holds pickled objects besides the weights (e.g. Lightning callbacks), which are not "
+        f"loaded for safety ({e}). Export the state dict once, e.g. torch.save(torch.load(path, "
+        f"weights_only=False)['state_dict'], 'vq.pt') in a trusted session, and load that") from None
+  for key in ("ema", "model", "state_dict"):  # LlamaGen (EMA first) and Lightning wrappers
     if isinstance(state, dict) and key in state and isinstance(state[key], dict):
       state = state[key]
       break

@@ -92,10 +92,13 @@ def build_dataset(config, workdir: str | None = None):
         directories, weights={k: v.get("weight", 1.0) for k, v in config.data.datasets.items()},
         train_on_padding=config.data.train_on_padding, read_threads=config.data.read_threads,
         worker_count=config.data.worker_count)
-    if dataset.layout.text_length != config.data.text_length:
-      raise ValueError(f"shards in {directories[0]} hold {dataset.layout.text_length} text tokens "
-                       f"per row, the config {config.data.text_length}: re-run --mode tokenize "
-                       "(into a new data.shards_dir) or set data.text_length to match")
+    made_with = dataset.manifests[directories[0]].get("settings", {})
+    now = tokenize.settings(config)
+    changed = sorted(k for k in set(made_with) | set(now) if made_with.get(k) != now.get(k))
+    if changed:
+      raise ValueError(f"the shards in {directories[0]} were made with other data settings "
+                       f"({', '.join('data.' + k for k in changed)}): use the settings they were made "
+                       "with, or tokenize into a new data.shards_dir (or delete the old shards)")
     return dataset
   raise ValueError(f"unknown config.data.name {config.data.name!r}: expected smoke, medim_demo "
                    "or folders")

@@ -67,17 +67,20 @@ def build(data_cfg, progress: bool = True) -> str:
   start = time.perf_counter()
   manifest = {"settings": spec, "parts": {}}
   samples = []
-  for part in spec["parts"]:
-    build_part = _build_chest if part == "chest" else _build_pathology
-    manifest["parts"][part], part_samples = build_part(os.path.join(tmp, part), spec, progress)
-    samples += part_samples
-  manifest["seconds"] = round(time.perf_counter() - start, 1)
-  visualize.sample_grid([s[0] for s in samples], [[s[1]] for s in samples],
-                        os.path.join(tmp, "contact_sheet.png"), columns=6, image_px=192,
-                        caption_width=36)
-  _write_json(os.path.join(tmp, "manifest.json"), manifest)
-  os.replace(tmp, out)
-  print(f"medim-demo built in {manifest['seconds']:.0f} s: {out}\n{describe(manifest)}")
+  try:
+    for part in spec["parts"]:
+      build_part = _build_chest if part == "chest" else _build_pathology
+      manifest["parts"][part], part_samples = build_part(os.path.join(tmp, part), spec, progress)
+      samples += part_samples
+    visualize.sample_grid([s[0] for s in samples], [[s[1]] for s in samples],
+                          os.path.join(tmp, "contact_sheet.png"), columns=6, image_px=192,
+                          caption_width=36)
+    _write_json(os.path.join(tmp, "manifest.json"), manifest)
+    os.replace(tmp, out)
+  except BaseException:
+    shutil.rmtree(tmp, ignore_errors=True)  # holds IU text: never leave it half-built
+    raise
+  print(f"medim-demo built in {time.perf_counter() - start:.0f} s: {out}\n{describe(manifest)}")
   return out
 
 

@@ -13,7 +13,7 @@ import dataclasses
 import os
 
 import numpy as np
-from PIL import Image, UnidentifiedImageError
+from PIL import Image, ImageOps, UnidentifiedImageError
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg")
 
@@ -50,19 +50,20 @@ def scan(folder: str) -> tuple[list[tuple[str, str, str]], list[BadPairError]]:
   """(name, image path, text path) of each complete pair, and an error per file missing its partner."""
   if not os.path.isdir(folder):
     raise FileNotFoundError(f"dataset folder {folder} does not exist")
-  images, texts = {}, {}
+  images, texts, duplicates = {}, {}, []
   for entry in sorted(os.listdir(folder)):
     stem, ext = os.path.splitext(entry)
     if ext.lower() in IMAGE_EXTENSIONS:
       if stem in images:
-        raise BadPairError(f"{os.path.join(folder, entry)}: a second image for {stem!r} "
-                           f"(already {os.path.basename(images[stem])})", "duplicate image")
+        duplicates.append(BadPairError(f"{os.path.join(folder, entry)}: a second image for {stem!r} "
+                                       f"(kept {os.path.basename(images[stem])})", "duplicate image"))
+        continue
       images[stem] = os.path.join(folder, entry)
     elif ext.lower() == ".txt":
       texts[stem] = os.path.join(folder, entry)
   pairs = [(stem, images[stem], texts[stem]) for stem in sorted(images) if stem in texts]
-  missing = [BadPairError(f"{images[s]}: no report {s}.txt beside it", "missing report")
-             for s in sorted(images) if s not in texts]
+  missing = duplicates + [BadPairError(f"{images[s]}: no report {s}.txt beside it", "missing report")
+                          for s in sorted(images) if s not in texts]
   missing += [BadPairError(f"{texts[s]}: no image {s}.png|jpg beside it", "missing image")
               for s in sorted(texts) if s not in images]
   return pairs, missing
@@ -81,12 +82,22 @@ def read_text(path: str) -> str:
   return text
 
 
+def _to_rgb(image: Image.Image) -> Image.Image:
+  """8-bit RGB; 16-bit and float greyscale (common for radiographs) are min-max scaled, not clipped."""
+  if image.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
+    values = np.asarray(image, np.float64)
+    low, high = values.min(), values.max()
+    scaled = (values - low) / (high - low) * 255.0 if high > low else np.zeros_like(values)
+    image = Image.fromarray(scaled.round().astype(np.uint8))
+  return image.convert("RGB")
+
+
 def read_image(path: str, image_size: int, square: str = "pad") -> np.ndarray:
   """(S, S, 3) uint8: padded (black) or centre-cropped to square, then resized."""
   try:
     with Image.open(path) as image:
       image.load()
-      image = image.convert("RGB")
+      image = _to_rgb(ImageOps.exif_transpose(image))
   except (UnidentifiedImageError, OSError, SyntaxError) as e:
     raise BadPairError(f"{path}: image cannot be read ({type(e).__name__}: {e})",
                        "unreadable image") from None

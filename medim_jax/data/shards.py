@@ -126,6 +126,33 @@ def verify(directory: str) -> None:
       raise ShardError(f"shard {path} does not match its sha256 in the manifest: it is corrupt")
 
 
+def check_replaceable(directory: str, tokenizers: dict | None = None,
+                      layout: RowLayout | None = None) -> None:
+  """Refuse to replace a folder that is not a shard set, or shards made with other tokenizers."""
+  directory = os.path.abspath(directory)
+  if not os.path.isdir(directory):
+    return
+  if not os.path.exists(os.path.join(directory, MANIFEST)):
+    if os.listdir(directory):
+      raise ShardError(f"{directory} is not empty and holds no shards ({MANIFEST} missing): "
+                       "refusing to replace it; choose an empty or new data.shards_dir")
+    return
+  if tokenizers is None:
+    return
+  old = read_manifest(directory)
+  for key in ("text_tokenizer", "image_tokenizer"):
+    if old["tokenizers"][key]["fingerprint"] != tokenizers[key]["fingerprint"]:
+      raise ShardError(
+          f"the shards in {directory} were made with another {key.replace('_', ' ')} "
+          f"({old['tokenizers'][key]['fingerprint'][:24]}...) than this run's "
+          f"({tokenizers[key]['fingerprint'][:24]}...); checkpoints trained on them would no longer "
+          f"match. Refusing to replace them: choose another data.shards_dir or delete {directory}")
+  if layout is not None and old["row_layout"] != vars(layout):
+    raise ShardError(f"the shards in {directory} have rows {old['row_layout']}, this run "
+                     f"{vars(layout)}. Refusing to replace them: choose another data.shards_dir "
+                     f"or delete {directory}")
+
+
 def write(directory: str, rows: dict, layout: RowLayout, tokenizers: dict, datasets: dict,
           records_per_shard: int, include_files: dict | None = None, extra: dict | None = None) -> dict:
   """Write ``rows[(dataset, split)] -> list of row bytes`` and the manifest; returns the manifest.
@@ -135,24 +162,30 @@ def write(directory: str, rows: dict, layout: RowLayout, tokenizers: dict, datas
   ``directory``, so readers never see half a set. An existing set made with other tokenizers is
   refused, not overwritten.
   """
-  from array_record.python import array_record_module
-
   directory = os.path.abspath(directory)
-  if os.path.isdir(directory) and os.listdir(directory) and not os.path.exists(
-      os.path.join(directory, MANIFEST)):
-    raise ShardError(f"{directory} is not empty and holds no shards ({MANIFEST} missing): refusing "
-                     "to replace it; choose an empty or new data.shards_dir")
-  if os.path.exists(os.path.join(directory, MANIFEST)):
-    old = read_manifest(directory)
-    try:
-      check_same_tokenizers({directory: old, "the new shards": {"tokenizers": tokenizers,
-                                                                "row_layout": vars(layout)}})
-    except ShardError as e:
-      raise ShardError(f"{e}. Refusing to replace them: choose another data.shards_dir or delete "
-                       f"{directory}") from None
+  check_replaceable(directory, tokenizers, layout)
   tmp = f"{directory}.partial-{os.getpid()}"
   shutil.rmtree(tmp, ignore_errors=True)
   os.makedirs(tmp)
+  try:
+    manifest = _write_into(tmp, rows, layout, tokenizers, datasets, records_per_shard,
+                           include_files, extra)
+  except BaseException:
+    shutil.rmtree(tmp, ignore_errors=True)
+    raise
+  if os.path.exists(directory):  # swap, then delete: a crash in between leaves one whole set
+    old = f"{directory}.old-{os.getpid()}"
+    os.replace(directory, old)
+    os.replace(tmp, directory)
+    shutil.rmtree(old)
+  else:
+    os.replace(tmp, directory)
+  return manifest
+
+
+def _write_into(tmp, rows, layout, tokenizers, datasets, records_per_shard, include_files, extra):
+  from array_record.python import array_record_module
+
   files, counts = [], {}
   for (dataset, split), records in sorted(rows.items()):
     counts.setdefault(dataset, {})[split] = len(records)
@@ -174,11 +207,4 @@ def write(directory: str, rows: dict, layout: RowLayout, tokenizers: dict, datas
     (shutil.copytree if os.path.isdir(source) else shutil.copy2)(source, os.path.join(tmp, name))
   with open(os.path.join(tmp, MANIFEST), "w") as f:
     json.dump(manifest, f, indent=1)
-  if os.path.exists(directory):  # swap, then delete: a crash in between leaves one whole set
-    old = f"{directory}.old-{os.getpid()}"
-    os.replace(directory, old)
-    os.replace(tmp, directory)
-    shutil.rmtree(old)
-  else:
-    os.replace(tmp, directory)
   return manifest

@@ -44,18 +44,18 @@ def source_folders(config, progress: bool = True) -> dict[str, dict]:
       sources[part] = {"prompt": options.get("prompt", ""), "weight": options.get("weight", 1.0),
                        **{s: os.path.join(root, part, s) for s in SPLITS}}
   elif data.name == "folders":
-    if not data.datasets:
-      raise ValueError("config.data.datasets is empty: name at least one dataset with its train "
-                       "folder, e.g. --config.data.datasets.mimic.train=/data/mimic/train")
     for name, options in data.datasets.items():
-      if not options.get("train"):
-        raise ValueError(f"config.data.datasets.{name}.train is not set: the folder of training "
-                         "NAME.png|jpg + NAME.txt pairs")
+      if not options.get("train"):  # a dataset without a training folder is not used
+        continue
       sources[name] = {"prompt": options.get("prompt", ""), "weight": options.get("weight", 1.0),
                        **{s: options.get(s, "") for s in SPLITS}}
+    if not sources:
+      raise ValueError("no dataset in config.data.datasets has a train folder: set one, e.g. "
+                       "--config.data.datasets.chest.train=/data/mimic-cxr/data with configs/demo.py "
+                       "(whose datasets are chest and pathology)")
   else:
-    raise ValueError(f"--mode tokenize reads medim_demo or folders datasets; config.data.name is "
-                     f"{data.name!r}")
+    raise ValueError(f"paired image + report folders come from data.name medim_demo or folders; "
+                     f"config.data.name is {data.name!r}")
   return sources
 
 
@@ -66,7 +66,7 @@ def _split_pairs(source: dict, name: str, val_fraction: float) -> tuple[dict, li
     if source[split]:
       pairs[split], missing = folders.scan(source[split])
       skipped += missing
-  if "val" not in pairs:
+  if not pairs.get("val"):
     def in_val(pair):
       digest = hashlib.sha256(f"{name}/{pair[0]}".encode()).digest()
       return int.from_bytes(digest[:4], "little") / 2**32 < val_fraction
@@ -81,13 +81,15 @@ def _read(pairs, config, progress=None) -> folders.FolderData:
 
 
 def make_text_tokenizer(config, train_texts, staging: str):
+  """(tokenizer, the file or folder to copy beside the shards, its name there)."""
   spec = config.data.text_tokenizer
   if spec == "train":
     path = os.path.join(staging, "text.model")
-    return text_tokenizers.train_sentencepiece(train_texts, path, config.data.text_vocab_size), \
-        "tokenizers/text.model"
+    tokenizer = text_tokenizers.train_sentencepiece(train_texts, path, config.data.text_vocab_size)
+    return tokenizer, path, "tokenizers/text.model"
   tokenizer = text_tokenizers.load_text_tokenizer(spec)
-  return tokenizer, os.path.abspath(spec)
+  inside = "tokenizers/text" if os.path.isdir(spec) else "tokenizers/text.model"
+  return tokenizer, os.path.abspath(spec), inside
 
 
 def make_image_tokenizer(config, train_pairs, staging: str, seed: int, workdir: str = "."):
@@ -103,20 +105,39 @@ def make_image_tokenizer(config, train_pairs, staging: str, seed: int, workdir: 
     tokenizer = image_tokenizers.PatchKMeansTokenizer.fit(
         images, config.data.image_codebook_size, config.data.patch_pixels, seed)
     tokenizer.save(os.path.join(staging, "image.npz"))
-    return tokenizer, "tokenizers/image.npz"
+    return tokenizer, os.path.join(staging, "image.npz"), "tokenizers/image.npz"
   if spec.endswith(".npz"):
-    return image_tokenizers.load_image_tokenizer(spec), os.path.abspath(spec)
+    return image_tokenizers.load_image_tokenizer(spec), os.path.abspath(spec), "tokenizers/image.npz"
   raise ValueError(f"config.data.image_tokenizer {spec!r}: expected 'patch_kmeans', 'vq' or a "
                    "saved image tokenizer .npz")
 
 
-def tokenizer_record(kind: str, tokenizer, path: str, size: int) -> dict:
-  return {"kind": kind, "path": path, "fingerprint": tokenizer.fingerprint, "size": size}
+def tokenizer_record(kind: str, tokenizer, source: str, inside: str, size: int) -> dict:
+  """The tokenizer is copied to ``inside`` (relative to the shards), so the shards never depend on
+  a file elsewhere that may change; ``source`` says where it came from."""
+  return {"kind": kind, "path": inside, "source": source, "fingerprint": tokenizer.fingerprint,
+          "size": size}
+
+
+def settings(config) -> dict:
+  """Every setting the shards depend on; training refuses shards made with other settings."""
+  data = config.data
+  keys = ("name", "image_size", "square", "text_length", "text_tokenizer", "text_vocab_size",
+          "image_tokenizer", "image_codebook_size", "patch_pixels", "val_fraction",
+          "truncate_reports", "on_bad_pair")
+  result = {k: data[k] for k in keys}
+  result["datasets"] = {n: {k: d.get(k, "") for k in ("train", "val", "test", "prompt")}
+                        for n, d in data.datasets.items()}
+  if data.name == "medim_demo":
+    from medim_jax.data import demo
+    result["demo"] = demo.settings(data)
+  return json.loads(json.dumps(result))
 
 
 def tokenize(config, workdir: str, progress: bool = True) -> dict:
   """Write the shards of every configured dataset; returns the manifest."""
   out_dir = shards_dirs(config, workdir)[0]
+  shards.check_replaceable(out_dir)
   sources = source_folders(config, progress)
   split_pairs, skipped = {}, []
   for name, source in sources.items():
@@ -134,11 +155,17 @@ def tokenize(config, workdir: str, progress: bool = True) -> dict:
         except folders.BadPairError:
           pass  # reported when the pair is read below
       train_texts.append(source["prompt"])
-    text_tok, text_path = make_text_tokenizer(config, train_texts, staging)
+    text_tok, text_source, text_inside = make_text_tokenizer(config, train_texts, staging)
     all_train = [p for name in sources for p in split_pairs[name]["train"]]
-    image_tok, image_path = make_image_tokenizer(config, all_train, staging, config.data.demo_seed,
-                                                 workdir)
+    image_tok, image_source, image_inside = make_image_tokenizer(
+        config, all_train, staging, config.data.demo_seed, workdir)
     layout = shards.RowLayout(config.data.text_length, image_tok.tokens_per_image)
+    tokenizers = {
+        "text_tokenizer": tokenizer_record(config.data.text_tokenizer, text_tok, text_source,
+                                           text_inside, text_tok.vocab_size),
+        "image_tokenizer": tokenizer_record(config.data.image_tokenizer, image_tok, image_source,
+                                            image_inside, image_tok.codebook_size)}
+    shards.check_replaceable(out_dir, tokenizers, layout)  # before the long part
 
     rows, index, truncated = {}, [], 0
     total = sum(len(p) for name in sources for p in split_pairs[name].values())
@@ -172,20 +199,12 @@ def tokenize(config, workdir: str, progress: bool = True) -> dict:
     index_path = os.path.join(staging, "index.jsonl")
     with open(index_path, "w") as f:
       f.writelines(json.dumps(row) + "\n" for row in index)
-    include = {"index.jsonl": index_path}
-    for inside in (text_path, image_path):
-      if inside.startswith("tokenizers/"):
-        include[inside] = os.path.join(staging, os.path.basename(inside))
-    tokenizers = {
-        "text_tokenizer": tokenizer_record(config.data.text_tokenizer, text_tok, text_path,
-                                           text_tok.vocab_size),
-        "image_tokenizer": tokenizer_record(config.data.image_tokenizer, image_tok, image_path,
-                                            image_tok.codebook_size)}
+    include = {"index.jsonl": index_path, text_inside: text_source, image_inside: image_source}
     datasets = {name: {"id": i, "prompt": s["prompt"], "weight": s["weight"],
                        "folders": {k: s[k] for k in SPLITS}} for i, (name, s) in enumerate(sources.items())}
     manifest = shards.write(out_dir, rows, layout, tokenizers, datasets,
                             config.data.records_per_shard, include_files=include,
-                            extra={"truncated_reports": int(truncated),
+                            extra={"settings": settings(config), "truncated_reports": int(truncated),
                                    "skipped": [str(e) for e in skipped]})
   print(describe(out_dir, manifest, skipped))
   return manifest

@@ -185,3 +185,13 @@ def test_batches_are_in_the_model_layout(shard_dir):
   masked = pipeline.ShardDataset([shard_dir], train_on_padding=False)
   batch = next(masked.train_iterator(batch_size=4, seed=0))
   assert not batch["valid"][:, layout.text_slice].all() and batch["valid"][:, layout.image_slice].all()
+
+
+def test_training_refuses_shards_made_with_other_data_settings(folder_root, shard_dir):
+  from medim_jax.data import base
+  config = folders_config(folder_root, shard_dir)
+  assert base.build_dataset(config, "unused").layout.text_length == 32  # same settings: fine
+  config.data.patch_pixels = 8
+  config.data.datasets.chest.prompt = "another prompt."
+  with pytest.raises(ValueError, match=r"other data settings \(data.datasets, data.patch_pixels\)"):
+    base.build_dataset(config, "unused")

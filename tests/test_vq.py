@@ -86,3 +86,29 @@ def test_tokenizer_interface_and_file_round_trip(tmp_path):
   np.testing.assert_array_equal(loaded.encode(images), codes)
   # Another batch size compiles other kernels: pixels may round differently by one level.
   assert np.abs(loaded.decode(codes).astype(int) - decoded).max() <= 1
+
+
+def test_train_vq_resume_gives_the_uninterrupted_tokenizer(tmp_path, monkeypatch):
+  from medim_jax import train_vq
+  from tests.test_shards_and_pipeline import folders_config, make_folder
+  for name in ("a_train", "b_train"):
+    make_folder(tmp_path / name, 12, len(name))
+  config = folders_config(tmp_path)  # configs/demo.py:tiny: a 2-level VQ, 4 steps, checkpoint at 2
+  config.data.datasets.chest.test = config.data.datasets.pathology.val = ""  # no evaluation here
+  train_vq.train_vq(config, str(tmp_path / "a"), progress_bars=False)
+
+  original = train_vq.batch_at
+
+  def dying(images, step, batch_size, seed):
+    if step == 4:
+      raise KeyboardInterrupt("simulated kill")
+    return original(images, step, batch_size, seed)
+  monkeypatch.setattr(train_vq, "batch_at", dying)
+  with pytest.raises(KeyboardInterrupt):
+    train_vq.train_vq(config, str(tmp_path / "b"), progress_bars=False)
+  monkeypatch.setattr(train_vq, "batch_at", original)
+  train_vq.train_vq(config, str(tmp_path / "b"), progress_bars=False)
+
+  a = image_tokenizers.load_image_tokenizer(str(tmp_path / "a" / "vq" / "tokenizer.npz"))
+  b = image_tokenizers.load_image_tokenizer(str(tmp_path / "b" / "vq" / "tokenizer.npz"))
+  assert a.fingerprint == b.fingerprint  # a hash of every parameter: bit-identical

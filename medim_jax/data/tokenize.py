@@ -123,8 +123,7 @@ def settings(config) -> dict:
   """Every setting the shards depend on; training refuses shards made with other settings."""
   data = config.data
   keys = ("name", "image_size", "square", "text_length", "text_tokenizer", "text_vocab_size",
-          "image_tokenizer", "image_codebook_size", "patch_pixels", "val_fraction",
-          "truncate_reports", "on_bad_pair")
+          "image_tokenizer", "image_codebook_size", "patch_pixels", "val_fraction")
   result = {k: data[k] for k in keys}
   result["datasets"] = {n: {k: d.get(k, "") for k in ("train", "val", "test", "prompt")}
                         for n, d in data.datasets.items()}
@@ -160,11 +159,14 @@ def tokenize(config, workdir: str, progress: bool = True) -> dict:
     image_tok, image_source, image_inside = make_image_tokenizer(
         config, all_train, staging, config.data.demo_seed, workdir)
     layout = shards.RowLayout(config.data.text_length, image_tok.tokens_per_image)
+    def origin(source):
+      return "fitted while tokenizing" if source.startswith(staging) else source
     tokenizers = {
-        "text_tokenizer": tokenizer_record(config.data.text_tokenizer, text_tok, text_source,
-                                           text_inside, text_tok.vocab_size),
-        "image_tokenizer": tokenizer_record(config.data.image_tokenizer, image_tok, image_source,
-                                            image_inside, image_tok.codebook_size)}
+        "text_tokenizer": tokenizer_record(config.data.text_tokenizer, text_tok,
+                                           origin(text_source), text_inside, text_tok.vocab_size),
+        "image_tokenizer": tokenizer_record(config.data.image_tokenizer, image_tok,
+                                            origin(image_source), image_inside,
+                                            image_tok.codebook_size)}
     shards.check_replaceable(out_dir, tokenizers, layout)  # before the long part
 
     rows, index, truncated = {}, [], 0

@@ -32,7 +32,7 @@ demo: $(STAMP)
 	$(VENV)/bin/python -m medim_jax.main --config configs/smoke.py --workdir $(WORKDIR) --mode all
 
 test: $(STAMP)
-	$(VENV)/bin/python -m pytest -q tests
+	$(VENV)/bin/python -m pytest -q --durations=10 tests
 
 clean:
 	rm -rf $(VENV) workdir

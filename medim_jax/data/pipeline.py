@@ -17,7 +17,7 @@ import grain
 import numpy as np
 
 from medim_jax.data import shards
-from medim_jax.data.base import PairedSplit
+from medim_jax.data.base import PairedSplit, fixed_batches
 from medim_jax.tokenizers import image as image_tokenizers
 from medim_jax.tokenizers import text as text_tokenizers
 from medim_jax.tokenizers.vocab import TokenLayout
@@ -173,9 +173,7 @@ class ShardDataset:
     return self._eval
 
   def eval_batches(self, batch_size: int, num_batches: int) -> list[dict[str, np.ndarray]]:
-    split = self.eval
-    rows = np.arange(batch_size * num_batches) % len(split)
-    return [split.batch(r) for r in rows.reshape(num_batches, batch_size)]
+    return fixed_batches(self.eval, batch_size, num_batches)
 
 
 def _load_tokenizer(directory: str, manifest: dict, key: str):

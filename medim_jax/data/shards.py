@@ -84,20 +84,28 @@ def row_layout(manifest: dict) -> RowLayout:
   return RowLayout(**manifest["row_layout"])
 
 
+def _incompatibility(tokenizers: dict, row_layout: dict, other_tokenizers: dict,
+                     other_row_layout: dict | None) -> str | None:
+  """What makes rows of one tokenizer set/layout unreadable as the other's, or None."""
+  for key in ("text_tokenizer", "image_tokenizer"):
+    ours, theirs = tokenizers[key]["fingerprint"], other_tokenizers[key]["fingerprint"]
+    if ours != theirs:
+      return f"another {key.replace('_', ' ')} ({ours[:24]}... vs {theirs[:24]}...)"
+  if other_row_layout is not None and row_layout != other_row_layout:
+    return f"other rows ({row_layout} vs {other_row_layout})"
+  return None
+
+
 def check_same_tokenizers(manifests: dict[str, dict]) -> None:
   """Refuse shard sets whose text or image tokenizers differ (their ids would mean other things)."""
   items = list(manifests.items())
   first_dir, first = items[0]
   for directory, manifest in items[1:]:
-    for key in ("text_tokenizer", "image_tokenizer"):
-      a, b = first["tokenizers"][key]["fingerprint"], manifest["tokenizers"][key]["fingerprint"]
-      if a != b:
-        raise ShardError(f"shards in {directory} were made with another {key.replace('_', ' ')} "
-                         f"than those in {first_dir} ({b[:24]}... vs {a[:24]}...): they cannot be "
-                         "mixed; tokenize both with the same tokenizers")
-    if manifest["row_layout"] != first["row_layout"]:
-      raise ShardError(f"shards in {directory} have rows {manifest['row_layout']}, those in "
-                       f"{first_dir} {first['row_layout']}: they cannot be mixed")
+    problem = _incompatibility(manifest["tokenizers"], manifest["row_layout"], first["tokenizers"],
+                               first["row_layout"])
+    if problem:
+      raise ShardError(f"shards in {directory} were made with {problem} than those in {first_dir}: "
+                       "they cannot be mixed; tokenize both with the same tokenizers")
 
 
 def split_files(directory: str, manifest: dict, split: str, dataset: str | None = None) -> list[str]:
@@ -140,17 +148,12 @@ def check_replaceable(directory: str, tokenizers: dict | None = None,
   if tokenizers is None:
     return
   old = read_manifest(directory)
-  for key in ("text_tokenizer", "image_tokenizer"):
-    if old["tokenizers"][key]["fingerprint"] != tokenizers[key]["fingerprint"]:
-      raise ShardError(
-          f"the shards in {directory} were made with another {key.replace('_', ' ')} "
-          f"({old['tokenizers'][key]['fingerprint'][:24]}...) than this run's "
-          f"({tokenizers[key]['fingerprint'][:24]}...); checkpoints trained on them would no longer "
-          f"match. Refusing to replace them: choose another data.shards_dir or delete {directory}")
-  if layout is not None and old["row_layout"] != vars(layout):
-    raise ShardError(f"the shards in {directory} have rows {old['row_layout']}, this run "
-                     f"{vars(layout)}. Refusing to replace them: choose another data.shards_dir "
-                     f"or delete {directory}")
+  problem = _incompatibility(old["tokenizers"], old["row_layout"], tokenizers,
+                             vars(layout) if layout is not None else None)
+  if problem:
+    raise ShardError(f"the shards in {directory} were made with {problem} than this run's; "
+                     "checkpoints trained on them would no longer match. Refusing to replace them: "
+                     f"choose another data.shards_dir or delete {directory}")
 
 
 def write(directory: str, rows: dict, layout: RowLayout, tokenizers: dict, datasets: dict,

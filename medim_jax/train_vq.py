@@ -23,7 +23,7 @@ import numpy as np
 import optax
 from flax import nnx
 
-from medim_jax import checkpointing, progress, visualize
+from medim_jax import checkpointing, progress, train, visualize
 from medim_jax.models import vq
 from medim_jax.tokenizers import image as image_tokenizers
 
@@ -206,7 +206,7 @@ def train_vq(config, workdir: str, progress_bars: bool = True) -> dict:
     count = sum(np.size(x) for x in jax.tree.leaves(state.params))
     print(f"New VQ tokenizer: {count:,} parameters, {trainer.vq_config.downsample}x downsampling, "
           f"codebook {trainer.vq_config.codebook_size}; {len(train_images)} training images")
-  log = open(os.path.join(out_dir, "metrics.jsonl"), "a")
+  writer = train.MetricWriter(out_dir)
   bar = progress.bar(cfg.num_steps, "train_vq", "step", progress_bars, initial=int(state.step))
   window, start = [], time.perf_counter()
   key = jax.random.PRNGKey(cfg.seed)
@@ -220,8 +220,7 @@ def train_vq(config, workdir: str, progress_bars: bool = True) -> dict:
         summary = {k: float(np.mean([m[k] for m in window])) for k in window[0]}
         summary["dead_codes_restarted"] = float(np.sum([m["dead_codes_restarted"] for m in window]))
         summary["steps_per_s"] = len(window) / (time.perf_counter() - start)
-        log.write(json.dumps({"step": step, "split": "train", **summary}) + "\n")
-        log.flush()
+        writer.write(step, "train", summary)
         bar.write(f"vq step {step}: loss={summary['loss']:.4f} psnr={summary['psnr']:.2f}dB "
                   f"perplexity={summary['perplexity']:.1f} usage={summary['batch_codebook_usage']:.3f} "
                   f"restarted={summary['dead_codes_restarted']:.0f}")
@@ -231,7 +230,7 @@ def train_vq(config, workdir: str, progress_bars: bool = True) -> dict:
   finally:
     bar.close()
     checkpointer.close()
-    log.close()
+    writer.close()
 
   tokenizer = trainer.tokenizer(state, config.data.image_size)
   path = os.path.join(out_dir, "tokenizer.npz")

@@ -76,7 +76,20 @@ def _sha256_of_files(paths) -> str:
   return digest.hexdigest()
 
 
-class SentencePieceTokenizer:
+class _PieceTokenizer:
+  """What a tokenizer of reports adds to ``tokenize``: fixed-length rows and their content ids."""
+
+  def encode(self, text: str, length: int, truncate: bool = False) -> np.ndarray:
+    return fixed_length(self.tokenize(text), length, self.eos_id, self.pad_id, truncate)
+
+  def content_ids(self, ids) -> list[int]:
+    """The ids before the first EOS, without padding or out-of-vocabulary ids."""
+    ids = np.asarray(ids).tolist()
+    ids = ids[:ids.index(self.eos_id)] if self.eos_id in ids else ids
+    return [i for i in ids if i != self.pad_id and 0 <= i < self.vocab_size]
+
+
+class SentencePieceTokenizer(_PieceTokenizer):
   """A local SentencePiece ``.model``. Padding is the model's pad id, or 0 when it has none (as the
   original pads Llama-2 ids with 0); EOS is the model's EOS id."""
 
@@ -104,15 +117,11 @@ class SentencePieceTokenizer:
   def tokenize(self, text: str) -> list[int]:
     return self.processor.encode(text)
 
-  def encode(self, text: str, length: int, truncate: bool = False) -> np.ndarray:
-    return fixed_length(self.tokenize(text), length, self.eos_id, self.pad_id, truncate)
-
   def decode(self, ids) -> str:
-    ids = [i for i in _until_eos(ids, self.eos_id) if i != self.pad_id and 0 <= i < self.vocab_size]
-    return self.processor.decode(ids)
+    return self.processor.decode(self.content_ids(ids))
 
 
-class HuggingFaceTokenizer:
+class HuggingFaceTokenizer(_PieceTokenizer):
   """A local Hugging Face tokenizer directory (``tokenizer.json`` and/or ``tokenizer.model``), read
   with ``transformers`` and never downloaded. Padding falls back to 0 when the tokenizer has none."""
 
@@ -144,17 +153,10 @@ class HuggingFaceTokenizer:
   def tokenize(self, text: str) -> list[int]:
     return self.tokenizer.encode(text, add_special_tokens=False)
 
-  def encode(self, text: str, length: int, truncate: bool = False) -> np.ndarray:
-    return fixed_length(self.tokenize(text), length, self.eos_id, self.pad_id, truncate)
-
   def decode(self, ids) -> str:
-    ids = [i for i in _until_eos(ids, self.eos_id) if i != self.pad_id and 0 <= i < self.vocab_size]
-    return self.tokenizer.decode(ids, skip_special_tokens=True)
+    return self.tokenizer.decode(self.content_ids(ids), skip_special_tokens=True)
 
 
-def _until_eos(ids, eos_id: int) -> list[int]:
-  ids = np.asarray(ids).tolist()
-  return ids[:ids.index(eos_id)] if eos_id in ids else ids
 
 
 def train_sentencepiece(texts, model_path: str, vocab_size: int) -> SentencePieceTokenizer:

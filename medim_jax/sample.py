@@ -39,37 +39,40 @@ def tasks_from_config(config) -> list[str]:
 def generate(config, workdir: str, dataset: data_base.PairedDataset | None = None) -> dict:
   """Generate config.sample.num_examples per task from the eval split; returns tokens per task."""
   dataset = dataset or data_base.build_dataset(config, workdir)
-  layout = dataset.layout
-  trainer = train.Trainer(config, layout)
+  trainer = train.Trainer(config, dataset.layout)
   params, step = load_sampling_params(config, workdir, trainer)
-  sampler = sampler_lib.Sampler(trainer.model.apply, layout, trainer.schedule,
-                                sampler_lib.SamplerConfig.from_config(config.sample))
   split = dataset.eval
-  count = min(config.sample.num_examples, len(split))
-  batch_size = config.sample.batch_size
+  split = split.subset(np.arange(min(config.sample.num_examples, len(split))))
   results = {}
   for task in tasks_from_config(config):
-    inputs = sampler_lib.task_inputs(task, split.tokens[:count], split.prompt_length[:count], layout)
-    example_ids = split.example_id[:count]
-    outputs = []
-    bar = progress.bar(-(-count // batch_size), f"sample {task}", "batch")
-    for start in range(0, count, batch_size):
-      rows = slice(start, start + batch_size)
-      out = sampler(params, inputs[rows], example_ids[rows], seed=config.sample.seed,
-                    segment_steps=sampler.steps_for_task(task))
-      outputs.append(np.asarray(out.tokens))
-      bar.update(1)
-    bar.close()
-    tokens = np.concatenate(outputs)
-    results[task] = tokens
-    _write_task(os.path.join(workdir, "samples", task), task, inputs, tokens, split, dataset, step)
+    results[task] = generate_task(config, trainer, params, dataset.layout, split, task)
+    write_task(os.path.join(workdir, "samples", task), task, results[task], split, dataset, step)
   print(f"Samples of checkpoint {step} written to {os.path.join(workdir, 'samples')}")
   return results
 
 
-def _write_task(out_dir, task, inputs, tokens, split, dataset, step) -> None:
+def generate_task(config, trainer: train.Trainer, params, layout, split: data_base.PairedSplit,
+                  task: str) -> np.ndarray:
+  """Generated token rows for every row of ``split`` (the prompts come from its tokens)."""
+  sampler = sampler_lib.Sampler(trainer.model.apply, layout, trainer.schedule,
+                                sampler_lib.SamplerConfig.from_config(config.sample))
+  inputs = sampler_lib.task_inputs(task, split.tokens, split.prompt_length, layout)
+  batch_size, outputs = config.sample.batch_size, []
+  bar = progress.bar(-(-len(split) // batch_size), f"sample {task}", "batch")
+  for start in range(0, len(split), batch_size):
+    rows = slice(start, start + batch_size)
+    out = sampler(params, inputs[rows], split.example_id[rows], seed=config.sample.seed,
+                  segment_steps=sampler.steps_for_task(task))
+    outputs.append(np.asarray(out.tokens))
+    bar.update(1)
+  bar.close()
+  return np.concatenate(outputs)
+
+
+def write_task(out_dir, task, tokens, split, dataset, step) -> None:
   os.makedirs(out_dir, exist_ok=True)
   layout, text_tok, image_tok = dataset.layout, dataset.text_tokenizer, dataset.image_tokenizer
+  inputs = sampler_lib.task_inputs(task, split.tokens, split.prompt_length, layout)
   text_ids, codes = layout.split(tokens)
   images = image_tok.decode(np.asarray(codes))
   reports = [text_tok.decode(ids) for ids in text_ids]

@@ -66,6 +66,18 @@ def code_statistics(codes, codebook_size: int) -> dict[str, float]:
   return {"codebook_usage": float((counts > 0).mean()), "perplexity": float(np.exp(entropy))}
 
 
+def image_weights(errors):
+  """Per-image loss weights mean(e) / e_i, held constant in the gradient.
+
+  A plain mean lets the images with the largest error (H&E texture) take nearly all of the gradient
+  once the smooth radiographs are roughly right, although the radiographs' small findings are what
+  must survive. These weights give every image the gradient of its own log error (a mean PSNR
+  objective) at the scale of the plain loss.
+  """
+  errors = jax.lax.stop_gradient(errors)
+  return jnp.mean(errors) / jnp.maximum(errors, 1e-8)
+
+
 class VQTrainer:
 
   def __init__(self, config):
@@ -104,9 +116,12 @@ class VQTrainer:
   def _generator_loss(self, params, disc_params, images, gan_on):
     cfg = self.train_cfg
     recon, indices, losses, latents = nnx.merge(self.graphdef, params)(images)
-    l1 = jnp.mean(jnp.abs(recon - images))
-    l2 = jnp.mean((recon - images) ** 2)
-    loss = cfg.l1_weight * l1 + cfg.l2_weight * l2 + losses["codebook_loss"] + losses["commitment_loss"]
+    l1_each = jnp.mean(jnp.abs(recon - images), axis=(1, 2, 3))
+    l2_each = jnp.mean((recon - images) ** 2, axis=(1, 2, 3))
+    weight = image_weights(l2_each) if cfg.balance_images else jnp.ones_like(l2_each)
+    l1, l2 = jnp.mean(l1_each), jnp.mean(l2_each)
+    loss = (cfg.l1_weight * jnp.mean(weight * l1_each) + cfg.l2_weight * jnp.mean(weight * l2_each)
+            + losses["codebook_loss"] + losses["commitment_loss"])
     metrics = {"l1": l1, "l2": l2, **losses}
     if self.use_gan:
       fake_logits = nnx.merge(self.disc_graphdef, disc_params)(recon)
@@ -188,6 +203,40 @@ def batch_at(images: np.ndarray, step: int, batch_size: int, seed: int) -> np.nd
   return batch
 
 
+def tokenizer_path(workdir: str) -> str:
+  return os.path.join(workdir, "vq", "tokenizer.npz")
+
+
+def training_settings(config) -> dict:
+  """What a trained tokenizer depends on (its record is written beside it)."""
+  from medim_jax.data import tokenize
+  data = tokenize.settings(config)
+  training = {k: v for k, v in config.vq_train.to_dict().items()
+              if k not in ("log_every", "checkpoint_every")}
+  return json.loads(json.dumps({
+      "vq": config.vq.to_dict(), "vq_train": training,
+      "data": {k: data[k] for k in ("name", "image_size", "square", "datasets", "demo") if k in data}},
+      default=list))
+
+
+def is_trained(config, workdir: str) -> bool:
+  """Whether W/vq holds a tokenizer trained with these settings; an error if with other ones."""
+  record = os.path.join(workdir, "vq", "trained_with.json")
+  if not (os.path.exists(tokenizer_path(workdir)) and os.path.exists(record)):
+    return False
+  with open(record) as f:
+    saved = json.load(f)
+  current = training_settings(config)
+  if saved != current:
+    differ = sorted(f"{group}.{k}" for group in current for k in
+                    set(current[group]) | set(saved.get(group, {}))
+                    if current[group].get(k) != saved.get(group, {}).get(k))
+    raise ValueError(f"{os.path.join(workdir, 'vq')} holds a VQ tokenizer trained with other "
+                     f"settings (differing: {', '.join(differ)}): use another --workdir, or delete "
+                     "that folder (and the shards made with it) to retrain")
+  return True
+
+
 def train_vq(config, workdir: str, progress_bars: bool = True) -> dict:
   if config.data.name not in ("medim_demo", "folders"):
     raise ValueError(f"--mode train_vq trains on medim_demo or folders images; config.data.name is "
@@ -233,8 +282,10 @@ def train_vq(config, workdir: str, progress_bars: bool = True) -> dict:
     writer.close()
 
   tokenizer = trainer.tokenizer(state, config.data.image_size)
-  path = os.path.join(out_dir, "tokenizer.npz")
+  path = tokenizer_path(workdir)
   tokenizer.save(path)
+  with open(os.path.join(out_dir, "trained_with.json"), "w") as f:
+    json.dump(training_settings(config), f, indent=1)
   try:
     report = evaluate(config, tokenizer, out_dir, train_images)
   except NoImagesError as e:

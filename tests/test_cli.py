@@ -45,33 +45,58 @@ def test_sampling_without_a_checkpoint_says_to_train_first(tmp_path):
   assert "Traceback" not in result.stderr
 
 
-def test_folders_train_vq_tokenize_train_and_sample_from_the_cli(tmp_path):
+def write_labels(folder):
+  """labels.jsonl for make_folder's pairs: a 'nodule' when the square is in the upper half."""
+  lines = []
+  for text in sorted(folder.glob("*.txt")):
+    upper = text.read_text().startswith("upper")
+    lines.append(json.dumps({"name": text.stem, "labels": {"nodule": upper, "opacity": False}}))
+  (folder / "labels.jsonl").write_text("\n".join(lines) + "\n")
+
+
+def test_main_job_runs_every_stage_on_folders_then_reuses_them(tmp_path):
   from tests.test_shards_and_pipeline import make_folder
-  make_folder(tmp_path / "xray", 40, 0)
-  make_folder(tmp_path / "slides", 30, 1)
+  for name, count, seed in (("xray", 40, 0), ("xray_test", 10, 2), ("slides", 30, 1),
+                            ("slides_test", 6, 3)):
+    make_folder(tmp_path / name, count, seed)
+  write_labels(tmp_path / "xray")
+  write_labels(tmp_path / "xray_test")
   workdir = tmp_path / "run"
   common = ["--config", "configs/demo.py:tiny", "--workdir", str(workdir),
             "--config.data.name=folders", "--config.data.image_size=16",
-            "--config.data.patch_pixels=4", "--config.data.image_codebook_size=8",
-            "--config.data.text_length=32", "--config.data.text_vocab_size=80",
+            "--config.data.image_tokenizer=vq", "--config.data.text_length=32",
+            "--config.data.text_vocab_size=80",
             f"--config.data.datasets.chest.train={tmp_path / 'xray'}",
+            f"--config.data.datasets.chest.test={tmp_path / 'xray_test'}",
             f"--config.data.datasets.pathology.train={tmp_path / 'slides'}",
-            "--config.data.val_fraction=0.2"]
-  result = run_main(*common, "--mode", "train_vq", timeout=120)
+            f"--config.data.datasets.pathology.test={tmp_path / 'slides_test'}",
+            "--config.data.val_fraction=0.2", "--config.eval.report_metrics=False"]
+  result = run_main(*common, "--mode", "all")
   assert result.returncode == 0, result.stderr[-3000:]
-  assert (workdir / "vq" / "tokenizer.npz").exists() and "VQ tokenizer saved" in result.stdout
-  common.append("--config.data.image_tokenizer=vq")
-  result = run_main(*common, "--mode", "tokenize", timeout=120)
-  assert result.returncode == 0, result.stderr[-3000:]
-  assert "Shards written to" in result.stdout and "chest:" in result.stdout
+  assert "VQ tokenizer saved" in result.stdout and "Shards written to" in result.stdout
   manifest = json.loads((workdir / "shards" / "manifest.json").read_text())
   assert manifest["tokenizers"]["image_tokenizer"]["fingerprint"].startswith("vq:")
-
-  result = run_main(*common, "--mode", "all")  # shards exist: reused, then train and sample
-  assert result.returncode == 0, result.stderr[-3000:]
-  assert "Shards written" not in result.stdout
   metrics = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
   assert any(m["split"] == "train" and m["step"] == 4 for m in metrics)
-  rows = [json.loads(line) for line in
-          (workdir / "samples" / "image_to_report" / "samples.jsonl").read_text().splitlines()]
-  assert len(rows) == 4 and all(isinstance(r["generated_report"], str) for r in rows)
+
+  results = json.loads((workdir / "eval" / "metrics.json").read_text())
+  assert results["card"]["checkpoint_step"] == 4 and results["card"]["examples"] == 8
+  chest, pathology = results["datasets"]["chest"], results["datasets"]["pathology"]
+  assert "clinical" in chest and "clinical" not in pathology  # only chest has labels.jsonl
+  image_to_report = chest["clinical"]["image_to_report"]
+  assert set(image_to_report) >= {"MeDiM", "retrieval baseline", "majority baseline"}
+  assert image_to_report["majority baseline"]["nodule"]["support"] == sum(
+      json.loads(line)["labels"]["nodule"]
+      for line in (tmp_path / "xray_test" / "labels.jsonl").read_text().splitlines()[:4])
+  assert "unavailable" in chest["image_metrics"]["inception"]["fid"]  # no weights configured
+  assert len(chest["clinical"]["joint_consistency"]["per_pair"]) == 4
+  page = (workdir / "report.html").read_text()
+  for heading in ("Clinical agreement", "Memorisation", "Evaluation card", "image -> report"):
+    assert heading in page
+  rows = (workdir / "eval" / "generated" / "image_to_report" / "samples.jsonl").read_text()
+  assert len(rows.splitlines()) == 8
+
+  again = run_main(*common, "--mode", "all")  # every stage's output is there: nothing is redone
+  assert again.returncode == 0, again.stderr[-3000:]
+  assert "VQ tokenizer: reusing" in again.stdout and "Shards written" not in again.stdout
+  assert again.stdout.count("reusing") >= 4 and "finding classifier (" not in again.stdout

@@ -28,12 +28,21 @@ class PairedSplit:
   reports: list[str]
   images: np.ndarray                    # (N, H, W, 3) uint8, for display
   attributes: list[dict] | None = None  # ground-truth findings, where the data knows them
+  dataset: list[str] | None = None      # which dataset each row came from, where there are several
 
   def __len__(self) -> int:
     return len(self.tokens)
 
   def batch(self, rows) -> dict[str, np.ndarray]:
     return {key: getattr(self, key)[rows] for key in BATCH_KEYS}
+
+  def subset(self, rows) -> "PairedSplit":
+    rows = np.asarray(rows, np.int64)
+    pick = lambda values: None if values is None else [values[i] for i in rows]
+    return PairedSplit(tokens=self.tokens[rows], valid=self.valid[rows],
+                       prompt_length=self.prompt_length[rows], example_id=self.example_id[rows],
+                       reports=pick(self.reports), images=self.images[rows],
+                       attributes=pick(self.attributes), dataset=pick(self.dataset))
 
 
 class RandomBatchIterator:

@@ -163,14 +163,21 @@ class ShardDataset:
   def eval(self) -> PairedSplit:
     """The validation split in memory (small), for evaluation batches and sampling prompts."""
     if self._eval is None:
-      rows = self.read_split("val")
-      batch = to_batch(rows, self.layout, self.train_on_padding)
-      prompts = rows["prompt_length"]
-      reports = [self.text_tokenizer.decode(ids[n:]) for ids, n in zip(rows["text"], prompts)]
-      self._eval = PairedSplit(tokens=batch["tokens"], valid=batch["valid"],
-                               prompt_length=batch["prompt_length"], example_id=batch["example_id"],
-                               reports=reports, images=self.image_tokenizer.decode(rows["image"]))
+      self._eval = self.split("val")
     return self._eval
+
+  def split(self, name: str) -> PairedSplit:
+    """One split in memory, datasets interleaved; images are the tokenizer's reconstructions."""
+    rows = self.read_split(name)
+    batch = to_batch(rows, self.layout, self.train_on_padding)
+    prompts = rows["prompt_length"]
+    reports = [self.text_tokenizer.decode(ids[n:]) for ids, n in zip(rows["text"], prompts)]
+    names = {info["id"]: dataset for manifest in self.manifests.values()
+             for dataset, info in manifest["datasets"].items()}
+    return PairedSplit(tokens=batch["tokens"], valid=batch["valid"],
+                       prompt_length=batch["prompt_length"], example_id=batch["example_id"],
+                       reports=reports, images=self.image_tokenizer.decode(rows["image"]),
+                       dataset=[names[int(i)] for i in rows["dataset_id"]])
 
   def eval_batches(self, batch_size: int, num_batches: int) -> list[dict[str, np.ndarray]]:
     return fixed_batches(self.eval, batch_size, num_batches)

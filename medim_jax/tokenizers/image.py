@@ -64,6 +64,12 @@ class PalettePatchTokenizer:
     codes = np.where(pattern > 0, 1 + (colour - 1) * self.patterns + (pattern - 1), 0)
     return codes.astype(np.int32)
 
+  def features(self, images) -> np.ndarray:
+    """The encoder's continuous latents before quantisation, flattened: (B, grid * grid * dim)."""
+    out = [np.asarray(self._features(self.params, batch))[:n]
+           for batch, n in self._batches(self._check_images(images))]
+    return np.concatenate(out).astype(np.float32)
+
   def decode(self, codes) -> np.ndarray:
     codes = np.asarray(codes)
     if codes.ndim != 2 or codes.shape[1] != self.tokens_per_image:
@@ -119,6 +125,12 @@ class PatchKMeansTokenizer:
   def encode(self, images) -> np.ndarray:
     patches = self._patches(images)
     return _nearest(patches.reshape(-1, patches.shape[-1]), self.codebook).reshape(patches.shape[:2])
+
+  def features(self, images) -> np.ndarray:
+    """The encoder's continuous latents before quantisation, flattened: (B, grid * grid * dim)."""
+    out = [np.asarray(self._features(self.params, batch))[:n]
+           for batch, n in self._batches(self._check_images(images))]
+    return np.concatenate(out).astype(np.float32)
 
   def decode(self, codes) -> np.ndarray:
     codes = np.asarray(codes)
@@ -209,7 +221,12 @@ class VQTokenizer:
       x = nnx.merge(graphdef, params).decode(codes)
       return (jax.numpy.clip(x, -1.0, 1.0) + 1.0) * 127.5
 
-    self._encode, self._decode = jax.jit(encode), jax.jit(decode)
+    def features(params, images):
+      x = images.astype(np.float32) / 127.5 - 1.0
+      latents = nnx.merge(graphdef, params).encode_latents(x)
+      return latents.reshape(latents.shape[0], -1)
+
+    self._encode, self._decode, self._features = jax.jit(encode), jax.jit(decode), jax.jit(features)
 
   @property
   def codebook_size(self) -> int:
@@ -226,14 +243,24 @@ class VQTokenizer:
       pad = self.batch_size - len(chunk)
       yield np.concatenate([chunk, np.repeat(chunk[-1:], pad, axis=0)]) if pad else chunk, len(chunk)
 
-  def encode(self, images) -> np.ndarray:
+  def _check_images(self, images) -> np.ndarray:
     images = np.asarray(images)
     expected = (self.image_size, self.image_size, 3)
     if images.ndim != 4 or images.shape[1:] != expected:
       raise ValueError(f"images must have shape (B, {expected[0]}, {expected[1]}, 3), got {images.shape}")
+    return images
+
+  def encode(self, images) -> np.ndarray:
+    images = self._check_images(images)
     out = [np.asarray(self._encode(self.params, batch))[:n] for batch, n in self._batches(images)]
     codes = np.concatenate(out) if out else np.zeros((0, self.grid, self.grid), np.int32)
     return codes.reshape(len(images), -1).astype(np.int32)
+
+  def features(self, images) -> np.ndarray:
+    """The encoder's continuous latents before quantisation, flattened: (B, grid * grid * dim)."""
+    out = [np.asarray(self._features(self.params, batch))[:n]
+           for batch, n in self._batches(self._check_images(images))]
+    return np.concatenate(out).astype(np.float32)
 
   def decode(self, codes) -> np.ndarray:
     codes = np.asarray(codes)

@@ -1,0 +1,310 @@
+"""``--mode eval``: generate every task on a held-out split with a checkpoint, score it, write a page.
+
+For each dataset of the shards (the first ``eval.examples_per_dataset`` rows of ``eval.split``):
+  * image->report: report metrics against the real report (paper protocol and COCO toolkit);
+  * report->image and joint: Fréchet distance on the image tokenizer's features (FID / IS only with
+    local Inception weights), nearest-training-image distances (memorisation);
+  * generated reports: longest word n-gram shared with any training report (memorisation);
+  * where the data has finding labels (medim-demo's chest part): clinical agreement (finding F1 of the
+    rule extractor on generated reports, of a finding classifier on generated images) beside a
+    majority and a retrieval baseline, and joint-pair consistency.
+Everything goes to ``WORKDIR/eval/metrics.json`` and ``WORKDIR/report.html``, with the evaluation card
+(hashes, seeds, config, checkpoint step, package versions). Generations and the classifier are cached
+under ``WORKDIR/eval`` and reused while their inputs are unchanged.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import time
+
+import numpy as np
+
+from medim_jax import progress, sample, train
+from medim_jax.data import base as data_base
+from medim_jax.evaluation import card as card_lib
+from medim_jax.evaluation import clinical, ground_truth, image_metrics, memorisation
+
+TASKS = ("image_to_report", "report_to_image", "joint")
+
+
+def evaluate(config, workdir: str, dataset=None) -> dict:
+  dataset = dataset or data_base.build_dataset(config, workdir)
+  if not hasattr(dataset, "manifests"):
+    raise ValueError(f"--mode eval scores shard data (medim_demo or folders); config.data.name is "
+                     f"{config.data.name!r} (smoke data is scored by --mode score)")
+  start = time.perf_counter()
+  out_dir = os.path.join(workdir, "eval")
+  os.makedirs(out_dir, exist_ok=True)
+  trainer = train.Trainer(config, dataset.layout)
+  params, step = sample.load_sampling_params(config, workdir, trainer)
+  split = first_rows_per_dataset(dataset.split(config.eval.split), config.eval.examples_per_dataset)
+  tasks = [t.strip() for t in config.eval.tasks.split(",") if t.strip()]
+  unknown = sorted(set(tasks) - set(TASKS))
+  if unknown:
+    raise ValueError(f"config.eval.tasks names {unknown}; known tasks are {TASKS}")
+
+  generated = {}
+  for task in tasks:
+    tokens = cached_generation(config, trainer, params, dataset, split, task, step, out_dir)
+    text_ids, codes = dataset.layout.split(tokens)
+    generated[task] = {"images": dataset.image_tokenizer.decode(np.asarray(codes)),
+                       "reports": [dataset.text_tokenizer.decode(ids) for ids in text_ids],
+                       "prompts": prompts_of(dataset, split, task)}
+
+  shards_dir = dataset.directories[0]
+  manifest, index = dataset.manifests[shards_dir], ground_truth.read_index(shards_dir)
+  results = {"card": card_lib.evaluation_card(config, dataset.directories, step, config.eval.split,
+                                              [int(i) for i in split.example_id]),
+             "datasets": {}}
+  shown = {}
+  for name in dict.fromkeys(split.dataset):
+    rows = np.array([i for i, d in enumerate(split.dataset) if d == name])
+    print(f"Evaluating {name}: {len(rows)} {config.eval.split} examples")
+    results["datasets"][name], shown[name] = evaluate_dataset(
+        config, name, manifest, index, split.subset(rows),
+        {t: {k: pick(v, rows) for k, v in g.items()} for t, g in generated.items()},
+        dataset.image_tokenizer, out_dir)
+  results["card"]["seconds"] = round(time.perf_counter() - start, 1)
+  with open(os.path.join(out_dir, "metrics.json"), "w") as f:
+    json.dump(results, f, indent=1, default=float)
+
+  from medim_jax.evaluation import report_page
+  page = report_page.write(os.path.join(workdir, "report.html"), results, shown, workdir)
+  print(f"Evaluation of checkpoint {step}: {os.path.join(out_dir, 'metrics.json')}; page: {page}")
+  return results
+
+
+def pick(values, rows):
+  return values[rows] if isinstance(values, np.ndarray) else [values[i] for i in rows]
+
+
+def first_rows_per_dataset(split: data_base.PairedSplit, count: int) -> data_base.PairedSplit:
+  names = split.dataset or ["data"] * len(split)
+  seen, rows = {}, []
+  for i, name in enumerate(names):
+    if seen.get(name, 0) < count:
+      seen[name] = seen.get(name, 0) + 1
+      rows.append(i)
+  return split.subset(rows)
+
+
+def prompts_of(dataset, split, task: str) -> list[str]:
+  from medim_jax.diffusion import sampler as sampler_lib
+  layout = dataset.layout
+  inputs = sampler_lib.task_inputs(task, split.tokens, split.prompt_length, layout)
+  return [dataset.text_tokenizer.decode(ids[ids != layout.mask_id]) if (ids != layout.mask_id).any()
+          else "" for ids in inputs[:, layout.text_slice]]
+
+
+def cached_generation(config, trainer, params, dataset, split, task, step, out_dir) -> np.ndarray:
+  """Generated tokens of ``task``, reused when checkpoint, sampler settings and prompts are the same."""
+  key = hashlib.sha256(json.dumps({
+      "step": step, "task": task, "sample": config.sample.to_dict(),
+      "manifests": sorted(card_lib.file_sha256(os.path.join(d, "manifest.json"))
+                          for d in dataset.directories),
+      "example_ids": [int(i) for i in split.example_id]}, sort_keys=True).encode()).hexdigest()
+  task_dir = os.path.join(out_dir, "generated", task)
+  tokens_path, key_path = os.path.join(task_dir, "tokens.npy"), os.path.join(task_dir, "key.txt")
+  if os.path.exists(key_path) and open(key_path).read() == key and os.path.exists(tokens_path):
+    print(f"  {task}: reusing {tokens_path}")
+    return np.load(tokens_path)
+  tokens = sample.generate_task(config, trainer, params, dataset.layout, split, task)
+  os.makedirs(task_dir, exist_ok=True)
+  sample.write_task(task_dir, task, tokens, split, dataset, step)
+  with open(key_path, "w") as f:
+    f.write(key)
+  return tokens
+
+
+def evaluate_dataset(config, name, manifest, index, split, generated, image_tokenizer, out_dir):
+  """Metrics of one dataset's examples; also returns what the page shows."""
+  data_cfg = config.data
+  originals = ground_truth.load_examples(manifest, index, split.example_id, data_cfg.image_size,
+                                         data_cfg.square)
+  training = ground_truth.load_split(manifest["datasets"][name]["folders"]["train"],
+                                     data_cfg.image_size, data_cfg.square)
+  features = tokenizer_features(image_tokenizer)
+  train_features = features(training.images)
+  result, shown = {}, {"originals": originals, "generated": generated, "training": training}
+
+  if "image_to_report" in generated and config.eval.report_metrics:
+    from medim_jax.evaluation import report_metrics
+    result["report_metrics"] = report_metrics.evaluate_reports(
+        originals.reports, generated["image_to_report"]["reports"])
+
+  image_tasks = [t for t in ("report_to_image", "joint") if t in generated]
+  result["image_metrics"] = {
+      "inception": image_metrics.inception_metrics(
+          config.eval.inception_weights, originals.images,
+          {t: generated[t]["images"] for t in image_tasks}),
+      "frechet_distance_tokenizer_features": {
+          **{t: image_metrics.frechet_distance_of_features(features(originals.images),
+                                                           features(generated[t]["images"]))
+             for t in image_tasks},
+          "reference: real train vs real test": image_metrics.frechet_distance_of_features(
+              features(originals.images), train_features),
+          "features": feature_description(image_tokenizer)}}
+
+  result["memorisation"], shown["memorisation"] = memorisation_checks(
+      originals, training, generated, features, train_features)
+
+  if originals.labels is not None:
+    result["clinical"], shown["clinical"] = clinical_agreement(
+        config, name, originals, training, generated, features, train_features, image_tokenizer,
+        out_dir)
+  return result, shown
+
+
+def tokenizer_features(image_tokenizer):
+  """Continuous features of the image tokenizer's encoder (pixels, downsampled, where it has none)."""
+  if hasattr(image_tokenizer, "features"):
+    return image_tokenizer.features
+
+  def pixels(images):
+    images = np.asarray(images, np.float32)
+    n, s = images.shape[0], images.shape[1]
+    f = max(s // 16, 1)
+    return images[:, :s // f * f, :s // f * f].reshape(n, s // f, f, s // f, f, 3).mean((2, 4)).reshape(n, -1)
+  return pixels
+
+
+def feature_description(image_tokenizer) -> str:
+  if hasattr(image_tokenizer, "features"):
+    return f"the {type(image_tokenizer).__name__}'s encoder latents before quantisation (not Inception)"
+  return "pixels averaged to 16x16 (the image tokenizer has no encoder; not Inception)"
+
+
+def memorisation_checks(originals, training, generated, features, train_features):
+  result, shown = {}, {}
+  real = memorisation.nearest_images(originals.images, training.images, features, train_features)
+  result["images"] = {"reference: real test images": memorisation.summary(real)}
+  for task in ("report_to_image", "joint"):
+    if task in generated:
+      nearest = memorisation.nearest_images(generated[task]["images"], training.images, features,
+                                            train_features)
+      result["images"][task] = memorisation.summary(nearest)
+      shown[task] = nearest
+  real_text = memorisation.longest_shared_ngrams(originals.reports, training.reports)
+  result["reports"] = {"reference: real test reports": memorisation.summary(real_text)}
+  for task in ("image_to_report", "joint"):
+    if task in generated:
+      shared = memorisation.longest_shared_ngrams(generated[task]["reports"], training.reports)
+      result["reports"][task] = memorisation.summary(shared)
+      shown[task + "_text"] = shared
+  return result, shown
+
+
+def clinical_agreement(config, name, originals, training, generated, features, train_features,
+                       image_tokenizer, out_dir):
+  """Finding F1 of generated reports / images against the true labels, with baselines beside them."""
+  unknown = [f for f in originals.findings if f not in clinical.FINDINGS]
+  if unknown:
+    return {"unavailable": f"the rule extractor knows {clinical.FINDINGS}, not {unknown}"}, {}
+  columns = [clinical.FINDINGS.index(f) for f in originals.findings]
+  findings, true, n = originals.findings, originals.labels, len(originals.labels)
+  f1 = lambda predicted: clinical.f1_table(predicted, true, findings)
+  extract = lambda reports: clinical.extract_matrix(reports)[:, columns]
+  classifier, description = cached_classifier(config, name, training, out_dir)
+  result, shown = {"classifier": {"description": description}}, {}
+
+  if "image_to_report" in generated:
+    _, retrieved = clinical.retrieval_baseline(features(originals.images), train_features,
+                                               training.reports)
+    result["image_to_report"] = {
+        "MeDiM": f1(extract(generated["image_to_report"]["reports"])),
+        "retrieval baseline": f1(extract(retrieved)),
+        "majority baseline": f1(clinical.majority_baseline(training.labels, n)),
+        "extractor on the real report (ceiling)": f1(extract(originals.reports))}
+  if "report_to_image" in generated:
+    reconstructed = image_tokenizer.decode(image_tokenizer.encode(originals.images))
+    result["report_to_image"] = {
+        "MeDiM": f1(classifier.predict_labels(generated["report_to_image"]["images"])),
+        "chance (random at training prevalence)": chance_f1(training.labels, true, findings),
+        "classifier on the real image": f1(classifier.predict_labels(originals.images)),
+        "classifier on the tokenizer's reconstruction (ceiling)":
+            f1(classifier.predict_labels(reconstructed))}
+  if "joint" in generated:
+    from_report = extract(generated["joint"]["reports"])
+    from_image = classifier.predict_labels(generated["joint"]["images"])
+    agree = (from_report == from_image).all(axis=1)
+    real_agree = (extract(originals.reports) == classifier.predict_labels(originals.images)).all(1)
+    result["joint_consistency"] = {
+        "pairs": int(len(agree)),
+        "pairs whose report and image agree on every finding": float(agree.mean()),
+        "reference: real test pairs": float(real_agree.mean()),
+        "per finding agreement": {f: float((from_report[:, j] == from_image[:, j]).mean())
+                                  for j, f in enumerate(findings)},
+        "per_pair": [bool(a) for a in agree]}
+    shown["joint_agree"] = agree
+    export_synthetic(config, name, generated["joint"], agree, out_dir)
+  return result, shown
+
+
+def chance_f1(train_labels, true, findings) -> dict:
+  """Expected F1 of flagging each finding at random with its training prevalence q: 2pq / (p + q)
+  for test prevalence p."""
+  q = np.asarray(train_labels, bool).mean(axis=0)
+  p = np.asarray(true, bool).mean(axis=0)
+  table = {f: {"f1": float(2 * p[j] * q[j] / (p[j] + q[j])) if p[j] > 0 else float("nan"),
+               "support": int(np.asarray(true)[:, j].sum())} for j, f in enumerate(findings)}
+  scored = [table[f]["f1"] for f in findings if table[f]["support"]]
+  table["macro_f1"] = float(np.mean(scored)) if scored else float("nan")
+  return table
+
+
+def cached_classifier(config, name, training, out_dir):
+  """The finding classifier of one dataset, trained on its training images (cached by inputs)."""
+  steps, seed = config.eval.classifier_steps, config.seed
+  key = hashlib.sha256(json.dumps({"names": training.names, "steps": steps, "seed": seed,
+                                   "size": int(training.images.shape[1])}).encode()).hexdigest()
+  path = os.path.join(out_dir, f"finding_classifier_{name}.npz")
+  if os.path.exists(path) and os.path.exists(path + ".key") and open(path + ".key").read() == key:
+    classifier = clinical.FindingClassifier.load(path)
+  else:
+    print(f"  training the {name} finding classifier ({steps} steps, {len(training.names)} images)")
+    classifier = clinical.train_finding_classifier(training.images, training.labels, steps=steps,
+                                                   seed=seed)
+    val = validation_split(config, name, training)
+    if val is not None:
+      classifier.calibrate(val.images, val.labels)
+    classifier.save(path)
+    with open(path + ".key", "w") as f:
+      f.write(key)
+  return classifier, (f"Finding classifier: a small CNN trained on the {len(training.names)} "
+                      f"training images of {name} and their labels ({steps} steps), decision "
+                      "thresholds set for best F1 on the validation split. Its scores on the real "
+                      "test images and on their tokenizer reconstructions are the ceilings the "
+                      "report->image column can be read against.")
+
+
+def validation_split(config, name, training):
+  from medim_jax.data import tokenize
+  folder = tokenize.source_folders(config, progress=False).get(name, {}).get("val", "")
+  if not folder or not os.path.isdir(folder):
+    return None
+  val = ground_truth.load_split(folder, config.data.image_size, config.data.square)
+  return val if val.labels is not None else None
+
+
+def export_synthetic(config, name, joint, agree, out_dir) -> None:
+  """Joint pairs as NAME.png + NAME.txt (a folder --mode tokenize can read), all or consistent."""
+  mode = config.eval.export_synthetic
+  if not mode:
+    return
+  if mode not in ("all", "consistent"):
+    raise ValueError(f"config.eval.export_synthetic must be '', 'all' or 'consistent', got {mode!r}")
+  from PIL import Image
+  folder = os.path.join(out_dir, "synthetic", name)
+  os.makedirs(folder, exist_ok=True)
+  kept = 0
+  for i, (image, report) in enumerate(zip(joint["images"], joint["reports"])):
+    if mode == "consistent" and not agree[i]:
+      continue
+    Image.fromarray(np.asarray(image, np.uint8)).save(os.path.join(folder, f"joint{i:05d}.png"))
+    with open(os.path.join(folder, f"joint{i:05d}.txt"), "w") as f:
+      f.write(report)
+    kept += 1
+  print(f"  exported {kept} of {len(agree)} joint pairs ({mode}) to {folder}")

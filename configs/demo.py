@@ -20,14 +20,15 @@ def get_config(arg=None):
   config.data.text_length = 80          # 95% of IU reports fit; longer ones are truncated
   # medim_demo fills the folders; with data.name=folders they name your own (see configs/base.py).
   config.data.datasets = ml_collections.ConfigDict(dict(
-      chest=dataset_entry("chest x-ray."), pathology=dataset_entry("histopathology.")))
+      chest=dataset_entry("chest x-ray.", weight=2.0), pathology=dataset_entry("histopathology.")))
 
-  config.model.d_model = 192
+  # Sized so that `make demo` (install, data, training, evaluation) fits in 20 minutes on 2 cores.
+  config.model.d_model = 128
   config.model.num_layers = 4
   config.model.num_heads = 4
   config.model.num_kv_heads = 4
-  config.model.head_dim = 48
-  config.model.mlp_dim = 576
+  config.model.head_dim = 32
+  config.model.mlp_dim = 512
   config.model.time_scale = 100.0
   config.model.adaln_gate_init = "open"
   config.model.learned_position_embedding = True
@@ -46,16 +47,17 @@ def get_config(arg=None):
   config.vq_train.log_every = 50
 
   config.train.batch_size = 32
-  config.train.num_steps = 1000
+  config.train.num_steps = 700
   config.train.learning_rate = 2e-3
-  config.train.log_every = 100
-  config.train.eval_every = 500
-  config.train.checkpoint_every = 500
+  config.train.log_every = 50
+  config.train.eval_every = 350
+  config.train.checkpoint_every = 350
 
-  config.sample.text_steps = 32
+  config.sample.text_steps = 16
   config.sample.image_steps = 16
   config.sample.cfg_scale = 2.0
   config.sample.num_examples = 32
+  config.eval.examples_per_dataset = 64
 
   if arg == "tiny":
     config.vq.channels = 8
@@ -87,6 +89,8 @@ def get_config(arg=None):
     config.sample.image_steps = 3
     config.sample.num_examples = 4
     config.sample.batch_size = 4
+    config.eval.examples_per_dataset = 4
+    config.eval.classifier_steps = 5
   elif arg:
     raise ValueError(f"configs/demo.py takes no argument or 'tiny', got {arg!r}")
   return config

@@ -136,17 +136,15 @@ def evaluate_dataset(config, name, manifest, index, split, generated, image_toke
         originals.reports, generated["image_to_report"]["reports"])
 
   image_tasks = [t for t in ("report_to_image", "joint") if t in generated]
-  result["image_metrics"] = {
-      "inception": image_metrics.inception_metrics(
-          config.eval.inception_weights, originals.images,
-          {t: generated[t]["images"] for t in image_tasks}),
-      "frechet_distance_tokenizer_features": {
-          **{t: image_metrics.frechet_distance_of_features(features(originals.images),
-                                                           features(generated[t]["images"]))
-             for t in image_tasks},
-          "reference: real train vs real test": image_metrics.frechet_distance_of_features(
-              features(originals.images), train_features),
-          "features": feature_description(image_tokenizer)}}
+  real_features, name_fd = features(originals.images), frechet_name(image_tokenizer)
+  result["image_metrics"] = {"features": feature_description(image_tokenizer)}
+  for task in image_tasks:
+    images = generated[task]["images"]
+    result["image_metrics"][task] = {
+        **image_metrics.inception_metrics(images, originals.images, config.eval.inception_weights),
+        **image_metrics.frechet_distance_of_features(name_fd, real_features, features(images))}
+  result["image_metrics"]["reference: real training vs real test images"] = (
+      image_metrics.frechet_distance_of_features(name_fd, real_features, train_features))
 
   result["memorisation"], shown["memorisation"] = memorisation_checks(
       originals, training, generated, features, train_features)
@@ -171,6 +169,12 @@ def tokenizer_features(image_tokenizer):
   return pixels
 
 
+def frechet_name(image_tokenizer) -> str:
+  if hasattr(image_tokenizer, "features"):
+    return "frechet_distance_tokenizer_encoder_features"
+  return "frechet_distance_16x16_pixels"
+
+
 def feature_description(image_tokenizer) -> str:
   if hasattr(image_tokenizer, "features"):
     return f"the {type(image_tokenizer).__name__}'s encoder latents before quantisation (not Inception)"
@@ -178,22 +182,24 @@ def feature_description(image_tokenizer) -> str:
 
 
 def memorisation_checks(originals, training, generated, features, train_features):
-  result, shown = {}, {}
-  real = memorisation.nearest_images(originals.images, training.images, features, train_features)
-  result["images"] = {"reference: real test images": memorisation.summary(real)}
-  for task in ("report_to_image", "joint"):
-    if task in generated:
-      nearest = memorisation.nearest_images(generated[task]["images"], training.images, features,
-                                            train_features)
-      result["images"][task] = memorisation.summary(nearest)
-      shown[task] = nearest
-  real_text = memorisation.longest_shared_ngrams(originals.reports, training.reports)
-  result["reports"] = {"reference: real test reports": memorisation.summary(real_text)}
-  for task in ("image_to_report", "joint"):
-    if task in generated:
-      shared = memorisation.longest_shared_ngrams(generated[task]["reports"], training.reports)
-      result["reports"][task] = memorisation.summary(shared)
-      shown[task + "_text"] = shared
+  """Nearest training image (pixels, tokenizer features) and longest verbatim run shared with a
+  training report, for the generated samples and, as the yardstick, for the real test samples."""
+  images = {"reference: real test images": originals.images,
+            **{t: generated[t]["images"] for t in ("report_to_image", "joint") if t in generated}}
+  reports = {"reference: real test reports": originals.reports,
+             **{t: generated[t]["reports"] for t in ("image_to_report", "joint") if t in generated}}
+  result, shown = {"images": {}, "reports": {}}, {"images": {}, "reports": {}}
+  for name, batch in images.items():
+    pixel = memorisation.nearest_images(batch, training.images)
+    feature = memorisation.nearest_features(features(batch), train_features)
+    result["images"][name] = {"nearest training image, pixel RMSE (0-255)": pixel.summary(),
+                              "nearest training image, tokenizer-feature L2": feature.summary()}
+    shown["images"][name] = pixel
+  index = memorisation.NgramIndex(training.reports)
+  for name, batch in reports.items():
+    shared = memorisation.longest_shared_ngrams(batch, index)
+    result["reports"][name] = shared.summary()
+    shown["reports"][name] = shared
   return result, shown
 
 

@@ -88,7 +88,8 @@ def test_main_job_runs_every_stage_on_folders_then_reuses_them(tmp_path):
   assert image_to_report["majority baseline"]["nodule"]["support"] == sum(
       json.loads(line)["labels"]["nodule"]
       for line in (tmp_path / "xray_test" / "labels.jsonl").read_text().splitlines()[:4])
-  assert "unavailable" in chest["image_metrics"]["inception"]["fid"]  # no weights configured
+  assert "unavailable" in chest["image_metrics"]["report_to_image"]["fid"]  # no weights configured
+  assert chest["image_metrics"]["joint"]["frechet_distance_tokenizer_encoder_features"] >= 0
   assert len(chest["clinical"]["joint_consistency"]["per_pair"]) == 4
   page = (workdir / "report.html").read_text()
   for heading in ("Clinical agreement", "Memorisation", "Evaluation card", "image -> report"):

@@ -11,7 +11,7 @@ not the FID network (1000 classes, other weights); its file is rejected on the `
 Reading ``.pth`` needs torch (``pip install torch``, the CPU wheel); ``.npz`` and ``.safetensors``
 state dicts with the same keys do not.
 
-  python -m medim_jax.convert.inception_checkpoint pt_inception-2015-12-05-6726825d.pth inception_fid.npz
+  python -m medim_jax.convert.inception_checkpoint pt_inception-2015-12-05-6726825d.pth fid.npz
 """
 
 from __future__ import annotations
@@ -75,8 +75,8 @@ def convert_state_dict(state: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     if missing:
       raise ValueError(f"{layer}.conv.weight has no batch norm to fold: {missing} not found")
     conv_bias = state.get(f"{layer}.conv.bias")
-    kernel, bias = fold_batch_norm(state[f"{layer}.conv.weight"],
-                                   *(state[names[f]] for f in BATCH_NORM_FIELDS), conv_bias=conv_bias)
+    norm = [state[names[field]] for field in BATCH_NORM_FIELDS]
+    kernel, bias = fold_batch_norm(state[f"{layer}.conv.weight"], *norm, conv_bias=conv_bias)
     target = layer.replace(".", "/")
     params[f"{target}/kernel"], params[f"{target}/bias"] = kernel, bias
     used |= {f"{layer}.conv.weight", f"{layer}.conv.bias", *names.values()}

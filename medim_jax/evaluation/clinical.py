@@ -22,18 +22,24 @@ reference points any generator should beat.
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
+import json
+import os
 import re
+import time
 from typing import Sequence
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-from flax import nnx
+from flax import nnx, traverse_util
 
 from medim_jax import progress
+from medim_jax.data import folders
 from medim_jax.data.iu_reports import FINDINGS
+from medim_jax.evaluation import memorisation
 
 # ---------------------------------------------------------------------------------------------
 # Report text -> findings.
@@ -45,9 +51,9 @@ PHRASES = {
         r"cardiomegaly",
         r"cardiac enlargement",
         rf"enlarge(?:d|ment of)(?: the)? {_HEART}",
-        # "The heart size is mildly enlarged"; a comma or "normal" in between breaks it ("heart size
-    # normal, prominent hila").
-    rf"\b{_HEART}\b(?:\s+(?!normal\b)[\w-]+){{0,5}}?\s+{_ENLARGED}\b",
+        # "The heart size is mildly enlarged"; a comma or "normal" in between breaks it ("heart
+        # size normal, prominent hila").
+        rf"\b{_HEART}\b(?:\s+(?!normal\b)[\w-]+){{0,5}}?\s+{_ENLARGED}\b",
     ],
     "pleural_effusion": [r"(?<!pericardial )effusions?\b", r"pleural fluid",
                          r"fluid in the (?:pleural space|fissure)"],
@@ -68,8 +74,9 @@ _NEGATION_BEFORE = re.compile(
 # A cue that negates the mention just before it ("... is not seen"); a short gap only, so "a nodule
 # in the left lung that was not seen before" is not negated by a cue far away.
 _NEGATION_AFTER = re.compile(
-    r"^(?:\s+[\w-]+){0,4}?\s+(?:(?:is|are|was|were|has been|have been)\s+)?(?:not (?:seen|identified|"
-    r"present|visualized|visible|demonstrated|appreciated|evident|noted|detected)|"
+    r"^(?:\s+[\w-]+){0,4}?\s+(?:(?:is|are|was|were|has been|have been)\s+)?"
+    r"(?:not (?:seen|identified|present|visualized|visible|demonstrated|appreciated|evident|noted|"
+    r"detected)|"
     r"(?:has|have)? ?resolved|absent|no longer \w+|cleared)\b")
 # Look like negation cues but are not ("no change in the nodule" still reports a nodule).
 _NOT_NEGATION = re.compile(
@@ -85,8 +92,8 @@ _SENTENCE_END = re.compile(r"[.;:!?\n]+(?:\s|$)|\s\d+\.\s")
 # Words that end a negation's scope inside a sentence.
 _SCOPE_END = re.compile(
     r"\b(?:but|however|although|though|except|apart from|aside from|other than|whereas|while|"
-    r"which|yet|there (?:is|are)|and (?:the|there|a|an)|, (?:mild|moderate|severe|stable|persistent|"
-    r"new|increased|patchy|minimal))\b")
+    r"which|yet|there (?:is|are)|and (?:the|there|a|an)|"
+    r", (?:mild|moderate|severe|stable|persistent|new|increased|patchy|minimal))\b")
 
 
 def clauses(report: str) -> list[str]:
@@ -96,10 +103,10 @@ def clauses(report: str) -> list[str]:
           if c.strip()]
 
 
-def _negated(clause: str, start: int, end: int) -> bool:
-  before = [m for m in _NEGATION_BEFORE.finditer(clause) if m.end() <= end]
-  # A cue inside the mention counts too: "heart is not enlarged".
-  return bool(before) or bool(_NEGATION_AFTER.match(clause[end:]))
+def _negated(clause: str, end: int) -> bool:
+  # A cue anywhere before the mention's end: inside it counts too ("heart is not enlarged").
+  return (any(m.end() <= end for m in _NEGATION_BEFORE.finditer(clause))
+          or bool(_NEGATION_AFTER.match(clause[end:])))
 
 
 def _hedged(clause: str, start: int) -> bool:
@@ -112,7 +119,7 @@ def mentions(report: str) -> list[tuple[str, str, bool, bool]]:
   for clause in clauses(report):
     for finding, pattern in _PHRASES.items():
       for m in pattern.finditer(clause):
-        found.append((finding, m.group(), _negated(clause, m.start(), m.end()),
+        found.append((finding, m.group(), _negated(clause, m.end()),
                       _hedged(clause, m.start())))
   return found
 
@@ -150,10 +157,7 @@ def f1_table(predicted, true, findings: Sequence[str] = FINDINGS) -> dict:
     n_pred, support = int(predicted[:, j].sum()), int(true[:, j].sum())
     precision = tp / n_pred if n_pred else (0.0 if support else float("nan"))
     recall = tp / support if support else float("nan")
-    if not support:
-      f1 = float("nan")
-    else:
-      f1 = 2 * tp / (n_pred + support)
+    f1 = 2 * tp / (n_pred + support) if support else float("nan")
     table[finding] = {"precision": precision, "recall": recall, "f1": f1, "support": support,
                       "predicted": n_pred,
                       "accuracy": float((predicted[:, j] == true[:, j]).mean()) if len(true) else
@@ -162,7 +166,8 @@ def f1_table(predicted, true, findings: Sequence[str] = FINDINGS) -> dict:
   table["macro_f1"] = float(np.mean(scored)) if scored else float("nan")
   tp, n_pred, support = int((predicted & true).sum()), int(predicted.sum()), int(true.sum())
   table["micro_f1"] = 2 * tp / (n_pred + support) if support else float("nan")
-  table["exact_match"] = float((predicted == true).all(axis=1).mean()) if len(true) else float("nan")
+  table["exact_match"] = (float((predicted == true).all(axis=1).mean()) if len(true)
+                          else float("nan"))
   return table
 
 
@@ -188,32 +193,10 @@ def majority_baseline(train_labels, n: int) -> np.ndarray:
   return np.tile(sets[best], (n, 1))
 
 
-def nearest_neighbours(queries, keys, metric: str = "cosine", chunk: int = 256):
-  """(distance, index) of each query's nearest key: cosine distance (1 - cos) or L2, chunked."""
-  queries = np.asarray(queries, np.float64).reshape(len(queries), -1)
-  keys = np.asarray(keys, np.float64).reshape(len(keys), -1)
-  if metric == "cosine":
-    queries = queries / np.maximum(np.linalg.norm(queries, axis=1, keepdims=True), 1e-12)
-    keys = keys / np.maximum(np.linalg.norm(keys, axis=1, keepdims=True), 1e-12)
-  elif metric != "l2":
-    raise ValueError(f"metric must be 'cosine' or 'l2', got {metric!r}")
-  key_norms = (keys ** 2).sum(axis=1)
-  distances, indices = np.empty(len(queries)), np.empty(len(queries), np.int64)
-  for lo in range(0, len(queries), chunk):
-    q = queries[lo:lo + chunk]
-    # |q - k|^2 = |q|^2 + |k|^2 - 2 q.k; exact for integer-valued inputs (sums stay below 2^53).
-    squared = (q ** 2).sum(axis=1, keepdims=True) + key_norms[None] - 2.0 * q @ keys.T
-    best = squared.argmin(axis=1)
-    indices[lo:lo + chunk] = best
-    d = np.maximum(squared[np.arange(len(q)), best], 0.0)
-    distances[lo:lo + chunk] = d / 2.0 if metric == "cosine" else np.sqrt(d)
-  return distances, indices
-
-
 def retrieval_baseline(query_features, train_features, train_items=None, metric: str = "cosine"):
   """Index of each query's nearest training item (and, given ``train_items``, those items: the
   label rows or reports the baseline answers with)."""
-  _, indices = nearest_neighbours(query_features, train_features, metric)
+  _, indices = memorisation.nearest_neighbours(query_features, train_features, metric)
   if train_items is None:
     return indices
   if isinstance(train_items, np.ndarray):
@@ -226,13 +209,13 @@ def retrieval_baseline(query_features, train_features, train_items=None, metric:
 
 
 class FindingCNN(nnx.Module):
-  """Strided 3x3 convolutions to an 8x8 map; mean- and max-pooled into one logit per finding
-  (max pooling so a small calcified spot is not averaged away)."""
+  """Stride-2 3x3 convolutions (64 px -> a 4x4 map with four of them), mean- and max-pooled into one
+  logit per finding (max pooling so one small spot is not averaged away)."""
 
   def __init__(self, channels: Sequence[int], num_findings: int, *, rngs: nnx.Rngs):
     widths = [3, *channels]
-    self.convs = nnx.List([nnx.Conv(a, b, (3, 3), strides=1 if i == 0 else 2, rngs=rngs)
-                           for i, (a, b) in enumerate(zip(widths[:-1], widths[1:]))])
+    self.convs = nnx.List([nnx.Conv(a, b, (3, 3), strides=2, rngs=rngs)
+                           for a, b in zip(widths[:-1], widths[1:])])
     self.norms = nnx.List([nnx.GroupNorm(b, num_groups=min(8, b), rngs=rngs) for b in channels])
     self.head = nnx.Linear(2 * channels[-1], num_findings, rngs=rngs)
 
@@ -250,7 +233,7 @@ def standardise(images) -> jax.Array:
   return (x - mean) / (x.std(axis=(1, 2, 3), keepdims=True) + 1.0)
 
 
-@dataclasses.dataclass
+@dataclasses.dataclass(eq=False)
 class FindingClassifier:
   """A trained ``FindingCNN`` with its decision thresholds (one per finding)."""
   channels: tuple[int, ...]
@@ -281,7 +264,7 @@ class FindingClassifier:
 
   def save(self, path: str) -> None:
     flat = {"params/" + "/".join(map(str, k)): np.asarray(v)
-            for k, v in flatten_dict(self.params).items()}
+            for k, v in traverse_util.flatten_dict(self.params).items()}
     np.savez(path, **flat, thresholds=np.asarray(self.thresholds, np.float32),
              channels=np.asarray(self.channels, np.int64), findings=np.asarray(self.findings))
 
@@ -293,33 +276,14 @@ class FindingClassifier:
       flat = {k[len("params/"):]: data[k] for k in data.files if k.startswith("params/")}
       thresholds = data["thresholds"]
     abstract = nnx.eval_shape(lambda: FindingCNN(channels, len(findings), rngs=nnx.Rngs(0)))
-    params = nnx.to_pure_dict(nnx.state(abstract))
-    flat_template = flatten_dict(params)
-    missing = {"/".join(map(str, k)) for k in flat_template} - set(flat)
+    # The abstract model's keys (ints for list entries) name what to read.
+    template = traverse_util.flatten_dict(nnx.to_pure_dict(nnx.state(abstract)))
+    missing = {"/".join(map(str, k)) for k in template} - set(flat)
     if missing:
       raise ValueError(f"{path}: classifier weights missing {sorted(missing)[:3]}")
-    params = unflatten_dict({k: jnp.asarray(flat["/".join(map(str, k))]) for k in flat_template})
+    params = traverse_util.unflatten_dict(
+        {k: jnp.asarray(flat["/".join(map(str, k))]) for k in template})
     return cls(channels, params, thresholds, findings)
-
-
-def flatten_dict(tree: dict, prefix: tuple = ()) -> dict[tuple, object]:
-  out = {}
-  for key, value in tree.items():
-    if isinstance(value, dict):
-      out.update(flatten_dict(value, prefix + (key,)))
-    else:
-      out[prefix + (key,)] = value
-  return out
-
-
-def unflatten_dict(flat: dict[tuple, object]) -> dict:
-  tree: dict = {}
-  for path, value in flat.items():
-    node = tree
-    for key in path[:-1]:
-      node = node.setdefault(key, {})
-    node[path[-1]] = value
-  return tree
 
 
 def best_f1_thresholds(probabilities, labels, default: float = 0.5) -> np.ndarray:
@@ -347,17 +311,19 @@ def best_f1_thresholds(probabilities, labels, default: float = 0.5) -> np.ndarra
 def train_finding_classifier(images, labels, *, steps: int = 600, seed: int = 0,
                              batch_size: int = 64, channels: Sequence[int] = (16, 32, 64, 64),
                              learning_rate: float = 3e-3, max_positive_weight: float = 20.0,
+                             findings: Sequence[str] = FINDINGS, val_images=None, val_labels=None,
                              progress_bar: bool = True) -> FindingClassifier:
   """Trains a ``FindingCNN`` on uint8 images [N, H, W, 3] and bool labels [N, K].
 
   Most images have no finding, so each finding's positives weigh ``n_negative / n_positive`` in
   the loss (capped at ``max_positive_weight``). Batches depend only on (seed, step), so a seed
-  gives the same classifier every time. Thresholds start at 0.5; ``calibrate`` on a held-out split.
+  gives the same classifier every time. Thresholds are picked on (val_images, val_labels) when
+  given, else left at 0.5 (``calibrate`` later).
   """
   images, labels = np.asarray(images), np.asarray(labels, bool)
-  if images.dtype != np.uint8 or images.ndim != 4 or len(images) != len(labels):
-    raise ValueError(f"images must be uint8 [N, H, W, C] with one label row each; got "
-                     f"{images.dtype} {images.shape} and labels {labels.shape}")
+  if images.dtype != np.uint8 or images.ndim != 4 or labels.shape != (len(images), len(findings)):
+    raise ValueError(f"images must be uint8 [N, H, W, C] with one label row of {len(findings)} "
+                     f"findings each; got {images.dtype} {images.shape} and labels {labels.shape}")
   positives = labels.sum(axis=0)
   positive_weight = jnp.asarray(np.minimum((len(labels) - positives) / np.maximum(positives, 1),
                                            max_positive_weight), jnp.float32)
@@ -389,20 +355,47 @@ def train_finding_classifier(images, labels, *, steps: int = 600, seed: int = 0,
       bar.set_postfix(loss=f"{float(loss):.4f}")
     bar.update(1)
   bar.close()
-  return FindingClassifier(tuple(channels), params, np.full(labels.shape[1], 0.5, np.float32),
-                           FINDINGS if labels.shape[1] == len(FINDINGS) else
-                           tuple(f"finding_{j}" for j in range(labels.shape[1])))
+  classifier = FindingClassifier(tuple(channels), params,
+                                 np.full(len(findings), 0.5, np.float32), tuple(findings))
+  if val_images is not None:
+    classifier.calibrate(val_images, val_labels)
+  return classifier
 
 
 def load_demo_chest(chest_dir: str, split: str, image_size: int = 64):
   """(images uint8 [N, S, S, 3], labels bool [N, 6], reports, names) of one split of the demo's
   chest part, labels from its ``labels.jsonl``."""
-  import json
-  import os
-
-  from medim_jax.data import folders
   with open(os.path.join(chest_dir, "labels.jsonl")) as f:
     truth = {row["name"]: row["labels"] for row in map(json.loads, f)}
   data = folders.load(os.path.join(chest_dir, split), image_size, "pad", "skip")
   labels = np.array([[truth[name][finding] for finding in FINDINGS] for name in data.names], bool)
   return data.images, labels.reshape(len(data), len(FINDINGS)), data.texts, data.names
+
+
+def main(argv=None) -> None:
+  """Measures both readers on the built demo: the extractor against the MeSH labels of the
+  training reports, the classifier (trained on train, thresholds on val) on the test images."""
+  parser = argparse.ArgumentParser(description=main.__doc__)
+  parser.add_argument("chest_dir",
+                      help="the demo's chest folder (train/, val/, test/, labels.jsonl)")
+  parser.add_argument("--steps", type=int, default=600)
+  parser.add_argument("--seed", type=int, default=0)
+  parser.add_argument("--save", default="", help="write the classifier here (.npz)")
+  args = parser.parse_args(argv)
+  train, val, test = (load_demo_chest(args.chest_dir, s) for s in ("train", "val", "test"))
+  print("Report extractor vs MeSH labels, train reports:")
+  print(format_table(f1_table(extract_matrix(train[2]), train[1])))
+  start = time.time()
+  classifier = train_finding_classifier(train[0], train[1], steps=args.steps, seed=args.seed,
+                                        val_images=val[0], val_labels=val[1])
+  print(f"\nImage classifier, {args.steps} steps in {time.time() - start:.0f} s (thresholds on val "
+        f"included), test images:")
+  print(format_table(f1_table(classifier.predict_labels(test[0]), test[1])))
+  print("\nMajority baseline (most frequent training label set), test:")
+  print(format_table(f1_table(majority_baseline(train[1], len(test[1])), test[1])))
+  if args.save:
+    classifier.save(args.save)
+
+
+if __name__ == "__main__":
+  main()

@@ -8,15 +8,18 @@ FID fits a Gaussian to the Inception pool3 features of each image set and takes 
 S1 S2 is not symmetric, so instead of a general matrix square root (scipy's ``sqrtm``, which can
 return complex noise) we use tr sqrt(S1 S2) = tr sqrt(R S2 R) with R = S1^(1/2): R S2 R is symmetric
 PSD and has the same eigenvalues as S1 S2, so two ``eigh`` calls give the trace, with round-off
-negatives clipped to zero.
+negatives clipped to zero. With fewer samples than feature dimensions the covariances are singular;
+the distance is still defined, its round-off grows to about sqrt(machine eps) x |S| per null
+direction (1e-4 on Inception features), and FID from few samples is biased upwards anyway: compare
+numbers only at equal sample counts.
 
 The Inception Score is exp E_x KL(p(y|x) || p(y)), computed per split of the samples (the
 original code's 10 contiguous splits) and reported as mean and standard deviation over splits.
 
 Both are defined by one network, the FID InceptionV3 (``models/inception.py``), whose weights the
 user supplies. Without them the metrics are reported as ``{"unavailable": reason}``, never replaced
-by something else under their names; a Fréchet distance on other features is fine under its own
-label (``frechet_distance_of_features``).
+by something else under their names; a Fréchet distance on other features
+(``frechet_distance_of_features``) is reported under a label that names those features.
 """
 
 from __future__ import annotations
@@ -26,7 +29,7 @@ from typing import Callable
 
 import numpy as np
 
-# Names reserved for the real Inception metrics: a distance on other features must not take them.
+# Names that mean the Inception metrics: a distance on other features must not take them.
 RESERVED_NAMES = ("fid", "frechet inception distance", "fréchet inception distance",
                   "inception score", "inception_score", "is")
 
@@ -88,20 +91,32 @@ def inception_score(probabilities, splits: int = 10) -> tuple[float, float]:
   return float(np.mean(scores)), float(np.std(scores))
 
 
+def _scores(real_statistics, num_reference: int, images, extract: FeatureFn, splits: int) -> dict:
+  if len(images) < 2:
+    reason = f"FID needs at least 2 images per set, got {len(images)} generated"
+    return {"fid": {"unavailable": reason}, "inception_score": {"unavailable": reason}}
+  features, probabilities = extract(images)
+  splits = min(splits, len(probabilities))
+  score, spread = inception_score(probabilities, splits)
+  return {"fid": frechet_distance(*real_statistics, *gaussian_statistics(features)),
+          "inception_score": score, "inception_score_std": spread, "inception_score_splits": splits,
+          "num_generated": len(features), "num_reference": num_reference}
+
+
 def fid_and_inception_score(generated, reference, extract: FeatureFn, splits: int = 10) -> dict:
-  """FID of ``generated`` against ``reference`` and the IS of ``generated``.
+  """FID of generated images against ``reference`` and their IS. ``generated``: an image array,
+  or {name: image array} for several sets (the result is then keyed the same way and the
+  reference goes through the network once).
 
   ``extract`` maps images to (pool3 features, class probabilities) and must be the FID
   InceptionV3 (``inception.feature_extractor``): these names mean that network's numbers.
   """
-  fake_features, fake_probabilities = extract(generated)
   real_features, _ = extract(reference)
-  score, spread = inception_score(fake_probabilities, min(splits, len(fake_probabilities)))
-  return {"fid": frechet_distance(*gaussian_statistics(real_features),
-                                  *gaussian_statistics(fake_features)),
-          "inception_score": score, "inception_score_std": spread,
-          "inception_score_splits": min(splits, len(fake_probabilities)),
-          "num_generated": len(fake_features), "num_reference": len(real_features)}
+  real_statistics = gaussian_statistics(real_features)
+  if isinstance(generated, dict):
+    return {name: _scores(real_statistics, len(real_features), images, extract, splits)
+            for name, images in generated.items()}
+  return _scores(real_statistics, len(real_features), generated, extract, splits)
 
 
 def inception_weights_problem(weights_path: str | None) -> str | None:
@@ -117,15 +132,15 @@ def inception_weights_problem(weights_path: str | None) -> str | None:
 
 def inception_metrics(generated, reference, weights_path: str | None, batch_size: int = 50,
                       splits: int = 10) -> dict:
-  """FID and IS with the FID InceptionV3 from ``weights_path`` (a converted ``.npz``), or both as
-  ``{"unavailable": reason}`` when there are no weights or too few images.
+  """FID and IS (``fid_and_inception_score``) with the FID InceptionV3 from ``weights_path`` (a
+  converted ``.npz``); without weights, ``{"fid": {"unavailable": reason}, "inception_score":
+  {"unavailable": reason}}``.
 
   Images: (N, H, W, C) uint8, or float in [0, 1]; C in {1, 3}; resized to 299 inside the network.
   """
   reason = inception_weights_problem(weights_path)
-  if reason is None and min(len(generated), len(reference)) < 2:
-    reason = (f"FID needs at least 2 images per set, got {len(generated)} generated and "
-              f"{len(reference)} reference")
+  if reason is None and len(reference) < 2:
+    reason = f"FID needs at least 2 reference images, got {len(reference)}"
   if reason is not None:
     return {"fid": {"unavailable": reason}, "inception_score": {"unavailable": reason}}
   from medim_jax.models import inception  # JAX and the network only when they will run
@@ -134,10 +149,10 @@ def inception_metrics(generated, reference, weights_path: str | None, batch_size
 
 
 def frechet_distance_of_features(name: str, real_features, fake_features) -> dict[str, float]:
-  """{name: Fréchet distance between Gaussians fitted to two feature sets}, e.g. on our VQ
-  encoder's features. ``name`` must say what the features are; FID/IS names are refused."""
+  """{name: Fréchet distance between Gaussians fitted to two (N, D) feature sets}, e.g. on our
+  VQ encoder's features. ``name`` must say which features; the FID/IS names are refused."""
   if name.strip().lower() in RESERVED_NAMES:
     raise ValueError(f"{name!r} is reserved for the Inception metrics; name the features used, e.g. "
-                     "'frechet_distance_vq_encoder'")
+                     "'frechet_distance_vq_encoder_features'")
   return {name: frechet_distance(*gaussian_statistics(real_features),
                                  *gaussian_statistics(fake_features))}

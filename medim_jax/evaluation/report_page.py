@@ -138,7 +138,7 @@ def clinical_section(clinical: dict) -> str:
     if direction not in clinical:
       continue
     columns = clinical[direction]
-    findings = [f for f in next(iter(columns.values())) if f != "macro_f1"]
+    findings = [f for f, v in next(iter(columns.values())).items() if isinstance(v, dict)]
     header = ["finding"] + list(columns)
     rows = [[f] + [columns[c][f]["f1"] if isinstance(columns[c].get(f), dict) else columns[c].get(f)
                    for c in columns] for f in findings]
@@ -150,7 +150,8 @@ def clinical_section(clinical: dict) -> str:
                  + ". Macro F1 averages the findings that have positives.</p>")
   if "joint_consistency" in clinical:
     parts.append("<h4>joint pairs: does the generated report agree with the generated image?</h4>"
-                 + table(["measure", "value"], metric_rows(clinical["joint_consistency"])))
+                 + table(["measure", "value"], metric_rows(
+                     {k: v for k, v in clinical["joint_consistency"].items() if k != "per_pair"})))
   if "classifier" in clinical:
     parts.append('<p class="note">' + html.escape(clinical["classifier"].get("description", ""))
                  + "</p>")
@@ -189,31 +190,33 @@ def samples_section(shown: dict, result: dict) -> str:
 
 
 def memorisation_section(memo: dict, shown: dict) -> str:
-  parts = [table(["generated", "quantity", "value"],
-                 [[kind, key, value] for kind in ("images", "reports")
-                  for key, value in metric_rows(memo.get(kind, {}))])]
-  training, generated = shown["training"], shown["generated"]
-  series = {k: v["pixel_rmse"] for k, v in shown["memorisation"].items() if "pixel_rmse" in v}
-  if series:
-    parts.append(histogram(series, "nearest training image, pixel RMSE (0-255)"))
+  parts = ['<p class="note">Each generated sample against its nearest training sample; the real test '
+           "samples (never trained on) are the yardstick: generations much closer to the training set "
+           "than they are would suggest copying.</p>"]
+  for kind in ("images", "reports"):
+    rows = [[name, key, value] for name, block in memo[kind].items()
+            for key, value in metric_rows(block)]
+    parts.append(table(["samples", "quantity", "value"], rows))
+  found, training, generated = shown["memorisation"], shown["training"], shown["generated"]
+  parts.append(histogram({k: v.distance for k, v in found["images"].items()},
+                         "nearest training image, pixel RMSE (0-255)"))
+  parts.append(histogram({k: v.length for k, v in found["reports"].items()},
+                         "longest word run shared with a training report"))
   for task in ("report_to_image", "joint"):
-    nearest = shown["memorisation"].get(task)
-    if nearest is None:
-      continue
-    order = np.argsort(nearest["pixel_rmse"])[:4]
-    parts.append(f"<h4>{task}: the generated images closest to a training image</h4>" + grid([
-        img(generated[task]["images"][i], "generated")
-        + img(training.images[nearest["pixel_index"][i]], "nearest training image")
-        + f"<p>pixel RMSE {nearest['pixel_rmse'][i]:.1f}</p>" for i in order]))
+    if task in found["images"]:
+      parts.append(f"<h4>{task}: the generated images closest to a training image (left: generated, "
+                   "right: that training image)</h4>" + grid([
+                       img(generated[task]["images"][s["generated"]], "generated")
+                       + img(training.images[s["train"]], "nearest training image")
+                       + f"<p>pixel RMSE {s['distance']:.1f}</p>"
+                       for s in found["images"][task].most_suspicious(4)]))
   for task in ("image_to_report", "joint"):
-    shared = shown["memorisation"].get(task + "_text")
-    if shared is None:
-      continue
-    order = np.argsort(-np.asarray(shared["length"]))[:4]
-    parts.append(f"<h4>{task}: generated reports sharing the longest verbatim run with a training "
-                 "report</h4>" + grid([
-                     f"<p><b>{shared['length'][i]} words shared</b></p><p>"
-                     f"{html.escape(generated[task]['reports'][i])}</p>" for i in order]))
+    if task in found["reports"]:
+      parts.append(f"<h4>{task}: the generated reports sharing the longest verbatim run with a "
+                   "training report</h4>" + grid([
+                       f"<p><b>{s['length']} words shared:</b> <i>{html.escape(s['ngram'])}</i></p>"
+                       f"<p>generated: {html.escape(generated[task]['reports'][s['generated']])}</p>"
+                       for s in found["reports"][task].most_suspicious(4)]))
   return "".join(parts)
 
 

@@ -220,7 +220,7 @@ class InceptionV3(nnx.Module):
     return jnp.mean(x, axis=(1, 2))
 
   def logits(self, features, with_bias: bool = True):
-    """The original Inception Score code used ``pool3 @ W`` without the bias (``with_bias=False``)."""
+    """The original Inception Score code used ``pool3 @ W`` without the bias: ``with_bias=False``."""
     logits = features @ self.fc.kernel[...]
     return logits + self.fc.bias[...] if with_bias else logits
 
@@ -283,7 +283,8 @@ def from_params(params: dict[str, np.ndarray], source: str = "the given paramete
 
 def save_weights(model: InceptionV3, path: str) -> None:
   """One float32 array per parameter, keyed by its path joined with '/' (see the module doc)."""
-  np.savez(path, **{key: np.asarray(value, np.float32) for key, value in _flat_params(model).items()})
+  params = _flat_params(model)
+  np.savez(path, **{key: np.asarray(value, np.float32) for key, value in params.items()})
 
 
 def load_weights(path: str) -> InceptionV3:

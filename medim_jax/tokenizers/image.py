@@ -64,12 +64,6 @@ class PalettePatchTokenizer:
     codes = np.where(pattern > 0, 1 + (colour - 1) * self.patterns + (pattern - 1), 0)
     return codes.astype(np.int32)
 
-  def features(self, images) -> np.ndarray:
-    """The encoder's continuous latents before quantisation, flattened: (B, grid * grid * dim)."""
-    out = [np.asarray(self._features(self.params, batch))[:n]
-           for batch, n in self._batches(self._check_images(images))]
-    return np.concatenate(out).astype(np.float32)
-
   def decode(self, codes) -> np.ndarray:
     codes = np.asarray(codes)
     if codes.ndim != 2 or codes.shape[1] != self.tokens_per_image:
@@ -125,12 +119,6 @@ class PatchKMeansTokenizer:
   def encode(self, images) -> np.ndarray:
     patches = self._patches(images)
     return _nearest(patches.reshape(-1, patches.shape[-1]), self.codebook).reshape(patches.shape[:2])
-
-  def features(self, images) -> np.ndarray:
-    """The encoder's continuous latents before quantisation, flattened: (B, grid * grid * dim)."""
-    out = [np.asarray(self._features(self.params, batch))[:n]
-           for batch, n in self._batches(self._check_images(images))]
-    return np.concatenate(out).astype(np.float32)
 
   def decode(self, codes) -> np.ndarray:
     codes = np.asarray(codes)

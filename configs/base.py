@@ -141,6 +141,7 @@ def get_config(arg=None):
   # --mode eval (and the end of --mode all on shard data): generate on a held-out split and score it.
   config.eval = ml_collections.ConfigDict()
   config.eval.split = "test"
+  config.eval.checkpoint_step = 0       # 0: the latest checkpoint
   config.eval.examples_per_dataset = 64  # the first N rows of each dataset in the split
   config.eval.tasks = "image_to_report,report_to_image,joint"
   config.eval.inception_weights = ""    # local .npz of FID InceptionV3 weights; "" = FID/IS unavailable

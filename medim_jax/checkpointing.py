@@ -38,6 +38,9 @@ class Checkpointer:
   def latest_step(self) -> int | None:
     return self.manager.latest_step()
 
+  def all_steps(self) -> list[int]:
+    return sorted(self.manager.all_steps())
+
   def save(self, step: int, state, data_iter=None) -> None:
     items = {"state": ocp.args.StandardSave(state)}
     if data_iter is not None:

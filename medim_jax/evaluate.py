@@ -39,7 +39,8 @@ def evaluate(config, workdir: str, dataset=None) -> dict:
   out_dir = os.path.join(workdir, "eval")
   os.makedirs(out_dir, exist_ok=True)
   trainer = train.Trainer(config, dataset.layout)
-  params, step = sample.load_sampling_params(config, workdir, trainer)
+  params, step = sample.load_sampling_params(config, workdir, trainer,
+                                              config.eval.checkpoint_step or None)
   split = first_rows_per_dataset(dataset.split(config.eval.split), config.eval.examples_per_dataset)
   tasks = [t.strip() for t in config.eval.tasks.split(",") if t.strip()]
   unknown = sorted(set(tasks) - set(TASKS))
@@ -162,7 +163,7 @@ def tokenizer_features(image_tokenizer):
     return image_tokenizer.features
 
   def pixels(images):
-    images = np.asarray(images, np.float32)
+    images = np.asarray(images, np.float32) / 255.0
     n, s = images.shape[0], images.shape[1]
     f = max(s // 16, 1)
     return images[:, :s // f * f, :s // f * f].reshape(n, s // f, f, s // f, f, 3).mean((2, 4)).reshape(n, -1)
@@ -178,7 +179,7 @@ def frechet_name(image_tokenizer) -> str:
 def feature_description(image_tokenizer) -> str:
   if hasattr(image_tokenizer, "features"):
     return f"the {type(image_tokenizer).__name__}'s encoder latents before quantisation (not Inception)"
-  return "pixels averaged to 16x16 (the image tokenizer has no encoder; not Inception)"
+  return "pixels in [0, 1] averaged to 16x16 (the image tokenizer has no encoder; not Inception)"
 
 
 def memorisation_checks(originals, training, generated, features, train_features):
@@ -272,7 +273,7 @@ def cached_classifier(config, name, training, out_dir):
   else:
     print(f"  training the {name} finding classifier ({steps} steps, {len(training.names)} images)")
     classifier = clinical.train_finding_classifier(training.images, training.labels, steps=steps,
-                                                   seed=seed)
+                                                   seed=seed, findings=training.findings)
     val = validation_split(config, name, training)
     if val is not None:
       classifier.calibrate(val.images, val.labels)

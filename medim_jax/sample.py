@@ -12,15 +12,19 @@ from medim_jax.data import base as data_base
 from medim_jax.diffusion import sampler as sampler_lib
 
 
-def load_sampling_params(config, workdir: str, trainer: train.Trainer):
-  """Params of the latest checkpoint (EMA params when trained with EMA and config.sample.use_ema)."""
+def load_sampling_params(config, workdir: str, trainer: train.Trainer, step: int | None = None):
+  """Params of checkpoint ``step`` (default: the latest); EMA params when trained with EMA and
+  config.sample.use_ema."""
   checkpointer = checkpointing.Checkpointer(os.path.join(workdir, "checkpoints"),
                                             config.train.max_checkpoints_to_keep)
   try:
     if checkpointer.latest_step() is None:
       raise FileNotFoundError(f"no checkpoint in {checkpointer.directory}: train first "
                               "(--mode train or --mode all)")
-    state = checkpointer.restore(trainer.abstract_state())
+    if step is not None and step not in checkpointer.all_steps():
+      raise FileNotFoundError(f"no checkpoint {step} in {checkpointer.directory}; there are "
+                              f"{checkpointer.all_steps()}")
+    state = checkpointer.restore(trainer.abstract_state(), step=step)
   finally:
     checkpointer.close()
   use_ema = config.sample.use_ema and state.ema_params is not None

@@ -72,7 +72,6 @@ def get_config(arg=None):
   config.vq_train.warmup_steps = 100
   config.vq_train.l1_weight = 1.0
   config.vq_train.l2_weight = 1.0
-  config.vq_train.balance_images = False  # weight images by mean error / own error (mean-PSNR loss)
   config.vq_train.usage_decay = 0.99
   config.vq_train.restart_every = 50      # 0 disables dead-code restarts
   config.vq_train.dead_code_threshold = 0.03  # running usage below 3% of uniform counts as dead

@@ -22,7 +22,7 @@ import time
 
 import numpy as np
 
-from medim_jax import progress, sample, train
+from medim_jax import sample, train
 from medim_jax.data import base as data_base
 from medim_jax.evaluation import card as card_lib
 from medim_jax.evaluation import clinical, ground_truth, image_metrics, memorisation

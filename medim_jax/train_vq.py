@@ -66,18 +66,6 @@ def code_statistics(codes, codebook_size: int) -> dict[str, float]:
   return {"codebook_usage": float((counts > 0).mean()), "perplexity": float(np.exp(entropy))}
 
 
-def image_weights(errors):
-  """Per-image loss weights mean(e) / e_i, held constant in the gradient.
-
-  A plain mean lets the images with the largest error (H&E texture) take nearly all of the gradient
-  once the smooth radiographs are roughly right, although the radiographs' small findings are what
-  must survive. These weights give every image the gradient of its own log error (a mean PSNR
-  objective) at the scale of the plain loss.
-  """
-  errors = jax.lax.stop_gradient(errors)
-  return jnp.mean(errors) / jnp.maximum(errors, 1e-8)
-
-
 class VQTrainer:
 
   def __init__(self, config):
@@ -116,12 +104,9 @@ class VQTrainer:
   def _generator_loss(self, params, disc_params, images, gan_on):
     cfg = self.train_cfg
     recon, indices, losses, latents = nnx.merge(self.graphdef, params)(images)
-    l1_each = jnp.mean(jnp.abs(recon - images), axis=(1, 2, 3))
-    l2_each = jnp.mean((recon - images) ** 2, axis=(1, 2, 3))
-    weight = image_weights(l2_each) if cfg.balance_images else jnp.ones_like(l2_each)
-    l1, l2 = jnp.mean(l1_each), jnp.mean(l2_each)
-    loss = (cfg.l1_weight * jnp.mean(weight * l1_each) + cfg.l2_weight * jnp.mean(weight * l2_each)
-            + losses["codebook_loss"] + losses["commitment_loss"])
+    l1 = jnp.mean(jnp.abs(recon - images))
+    l2 = jnp.mean((recon - images) ** 2)
+    loss = cfg.l1_weight * l1 + cfg.l2_weight * l2 + losses["codebook_loss"] + losses["commitment_loss"]
     metrics = {"l1": l1, "l2": l2, **losses}
     if self.use_gan:
       fake_logits = nnx.merge(self.disc_graphdef, disc_params)(recon)

@@ -17,10 +17,10 @@ state dicts with the same keys do not.
 from __future__ import annotations
 
 import argparse
-import os
 
 import numpy as np
 
+from medim_jax.convert import state_dict
 from medim_jax.models import inception
 
 BATCH_NORM_EPS = 1e-3  # TF-slim's, kept by pytorch-fid's BasicConv2d
@@ -30,23 +30,7 @@ IGNORED_SUFFIXES = (".num_batches_tracked",)
 
 
 def read_state_dict(path: str) -> dict[str, np.ndarray]:
-  if not os.path.exists(path):
-    raise FileNotFoundError(f"Inception checkpoint {path} does not exist")
-  if path.endswith(".npz"):
-    with np.load(path) as data:
-      return {key: np.asarray(data[key]) for key in data.files}
-  if path.endswith(".safetensors"):
-    from safetensors.numpy import load_file
-    return load_file(path)
-  try:
-    import torch
-  except ImportError:
-    raise ImportError(f"reading {path} needs torch: pip install torch (the CPU wheel is enough)"
-                      ) from None
-  state = torch.load(path, map_location="cpu", weights_only=True)
-  if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
-    state = state["state_dict"]
-  return {key: value.double().numpy() for key, value in state.items() if hasattr(value, "numpy")}
+  return state_dict.read(path, "Inception checkpoint", dtype=np.float64)
 
 
 def fold_batch_norm(weight, gamma, beta, mean, var, conv_bias=None, eps: float = BATCH_NORM_EPS

@@ -11,13 +11,13 @@ missing or mismatched. Reading ``.pt``/``.ckpt`` needs torch (``pip install torc
 
 from __future__ import annotations
 
-import os
 import re
 
 import jax
 import numpy as np
 from flax import nnx
 
+from medim_jax.convert import state_dict
 from medim_jax.models import vq
 
 IGNORED_PREFIXES = ("loss.", "discriminator.", "perceptual", "quantize.codebook_used",
@@ -25,31 +25,8 @@ IGNORED_PREFIXES = ("loss.", "discriminator.", "perceptual", "quantize.codebook_
 
 
 def read_state_dict(path: str) -> dict[str, np.ndarray]:
-  if not os.path.exists(path):
-    raise FileNotFoundError(f"VQ checkpoint {path} does not exist")
-  if path.endswith(".npz"):
-    with np.load(path) as data:
-      return {k: np.asarray(data[k]) for k in data.files}
-  if path.endswith(".safetensors"):
-    from safetensors.numpy import load_file
-    return load_file(path)
-  try:
-    import torch
-  except ImportError:
-    raise ImportError(f"reading {path} needs torch: pip install torch (the CPU wheel is enough)") from None
-  import pickle
-  try:
-    state = torch.load(path, map_location="cpu", weights_only=True)
-  except pickle.UnpicklingError as e:
-    raise ValueError(
-        f"{path} holds pickled objects besides the weights (e.g. Lightning callbacks), which are not "
-        f"loaded for safety ({e}). Export the state dict once, e.g. torch.save(torch.load(path, "
-        f"weights_only=False)['state_dict'], 'vq.pt') in a trusted session, and load that") from None
-  for key in ("ema", "model", "state_dict"):  # LlamaGen (EMA first) and Lightning wrappers
-    if isinstance(state, dict) and key in state and isinstance(state[key], dict):
-      state = state[key]
-      break
-  return {k: v.float().numpy() for k, v in state.items() if hasattr(v, "numpy")}
+  # LlamaGen keeps EMA weights beside the raw ones (EMA first); Lightning wraps in state_dict.
+  return state_dict.read(path, "VQ checkpoint", wrappers=("ema", "model", "state_dict"))
 
 
 def llamagen_to_taming(key: str, num_levels: int) -> str:

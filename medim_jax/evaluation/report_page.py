@@ -63,11 +63,25 @@ def table(header: list[str], rows: list[list]) -> str:
   return f"<table><tr>{head}</tr>{body}</table>"
 
 
-def loss_curves(workdir: str) -> str:
-  """Training curves of MeDiM and of the VQ tokenizer as one inline PNG ('' when there are none)."""
-  import matplotlib
+def pyplot():
+  """matplotlib's pyplot on the file backend, or None without matplotlib (the eval extra)."""
+  try:
+    import matplotlib
+  except ImportError:
+    return None
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt
+  return plt
+
+
+NO_PLOTS = '<p class="na">plots need matplotlib: pip install -e ".[eval]"</p>'
+
+
+def loss_curves(workdir: str) -> str:
+  """Training curves of MeDiM and of the VQ tokenizer as one inline PNG ('' when there are none)."""
+  plt = pyplot()
+  if plt is None:
+    return NO_PLOTS
   panels = []
   for path, title, keys in ((os.path.join(workdir, "metrics.jsonl"), "MeDiM training",
                              ("loss", "text_loss", "image_loss")),
@@ -104,9 +118,9 @@ def loss_curves(workdir: str) -> str:
 
 
 def histogram(series: dict[str, np.ndarray], xlabel: str) -> str:
-  import matplotlib
-  matplotlib.use("Agg")
-  import matplotlib.pyplot as plt
+  plt = pyplot()
+  if plt is None:
+    return NO_PLOTS
   figure, ax = plt.subplots(figsize=(5.5, 3))
   for label, values in series.items():
     ax.hist(np.asarray(values, float), bins=20, alpha=0.55, label=label)

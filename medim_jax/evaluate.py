@@ -54,7 +54,7 @@ def evaluate(config, workdir: str, dataset=None) -> dict:
     text_ids, codes = dataset.layout.split(tokens)
     generated[task] = {"images": dataset.image_tokenizer.decode(np.asarray(codes)),
                        "reports": [dataset.text_tokenizer.decode(ids) for ids in text_ids],
-                       "prompts": prompts_of(dataset, split, task)}
+                       "prompts": sample.task_prompts(task, split, dataset)}
 
   shards_dir = dataset.directories[0]
   manifest, index = dataset.manifests[shards_dir], ground_truth.read_index(shards_dir)
@@ -100,14 +100,6 @@ def first_rows_per_dataset(split: data_base.PairedSplit, count: int,
   return split.subset(rows)
 
 
-def prompts_of(dataset, split, task: str) -> list[str]:
-  from medim_jax.diffusion import sampler as sampler_lib
-  layout = dataset.layout
-  inputs = sampler_lib.task_inputs(task, split.tokens, split.prompt_length, layout)
-  return [dataset.text_tokenizer.decode(ids[ids != layout.mask_id]) if (ids != layout.mask_id).any()
-          else "" for ids in inputs[:, layout.text_slice]]
-
-
 def cached_generation(config, trainer, params, dataset, split, task, step, out_dir) -> np.ndarray:
   """Generated tokens of ``task``, reused when checkpoint, sampler settings and prompts are the same."""
   key = hashlib.sha256(json.dumps({
@@ -120,6 +112,8 @@ def cached_generation(config, trainer, params, dataset, split, task, step, out_d
   if os.path.exists(key_path) and open(key_path).read() == key and os.path.exists(tokens_path):
     print(f"  {task}: reusing {tokens_path}")
     return np.load(tokens_path)
+  if os.path.exists(key_path):  # the key is written last: a run cut short leaves none behind
+    os.remove(key_path)
   tokens = sample.generate_task(config, trainer, params, dataset.layout, split, task)
   os.makedirs(task_dir, exist_ok=True)
   sample.write_task(task_dir, task, tokens, split, dataset, step)
@@ -279,6 +273,8 @@ def cached_classifier(config, name, training, out_dir):
   if os.path.exists(path) and os.path.exists(path + ".key") and open(path + ".key").read() == key:
     classifier = clinical.FindingClassifier.load(path)
   else:
+    if os.path.exists(path + ".key"):  # written last, as for the generations
+      os.remove(path + ".key")
     print(f"  training the {name} finding classifier ({steps} steps, {len(training.names)} images)")
     classifier = clinical.train_finding_classifier(training.images, training.labels, steps=steps,
                                                    seed=seed, findings=training.findings)

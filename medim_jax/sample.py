@@ -73,15 +73,21 @@ def generate_task(config, trainer: train.Trainer, params, layout, split: data_ba
   return np.concatenate(outputs)
 
 
+def task_prompts(task: str, split: data_base.PairedSplit, dataset) -> list[str]:
+  """The report text each row of ``split`` is conditioned on in ``task`` ('' when none)."""
+  layout = dataset.layout
+  inputs = sampler_lib.task_inputs(task, split.tokens, split.prompt_length, layout)
+  return [dataset.text_tokenizer.decode(ids[ids != layout.mask_id]) if (ids != layout.mask_id).any()
+          else "" for ids in inputs[:, layout.text_slice]]
+
+
 def write_task(out_dir, task, tokens, split, dataset, step) -> None:
   os.makedirs(out_dir, exist_ok=True)
   layout, text_tok, image_tok = dataset.layout, dataset.text_tokenizer, dataset.image_tokenizer
-  inputs = sampler_lib.task_inputs(task, split.tokens, split.prompt_length, layout)
   text_ids, codes = layout.split(tokens)
   images = image_tok.decode(np.asarray(codes))
   reports = [text_tok.decode(ids) for ids in text_ids]
-  prompts = [text_tok.decode(ids[ids != layout.mask_id]) if (ids != layout.mask_id).any() else ""
-             for ids in inputs[:, layout.text_slice]]
+  prompts = task_prompts(task, split, dataset)
   np.save(os.path.join(out_dir, "tokens.npy"), tokens)
   with open(os.path.join(out_dir, "samples.jsonl"), "w") as f:
     for i, report in enumerate(reports):

@@ -74,6 +74,13 @@ def pyplot():
   return plt
 
 
+def figure_img(plt, figure) -> str:
+  buffer = io.BytesIO()
+  figure.savefig(buffer, format="png", dpi=90)
+  plt.close(figure)
+  return f'<img src="data:image/png;base64,{base64.b64encode(buffer.getvalue()).decode()}">'
+
+
 NO_PLOTS = '<p class="na">plots need matplotlib: pip install -e ".[eval]"</p>'
 
 
@@ -111,10 +118,7 @@ def loss_curves(workdir: str) -> str:
       twin.plot(*zip(*psnr), color="grey", alpha=0.6)
       twin.set_ylabel("PSNR (dB), grey")
   figure.tight_layout()
-  buffer = io.BytesIO()
-  figure.savefig(buffer, format="png", dpi=90)
-  plt.close(figure)
-  return f'<img src="data:image/png;base64,{base64.b64encode(buffer.getvalue()).decode()}">'
+  return figure_img(plt, figure)
 
 
 def histogram(series: dict[str, np.ndarray], xlabel: str) -> str:
@@ -127,10 +131,7 @@ def histogram(series: dict[str, np.ndarray], xlabel: str) -> str:
   ax.set_xlabel(xlabel)
   ax.legend(fontsize=8)
   figure.tight_layout()
-  buffer = io.BytesIO()
-  figure.savefig(buffer, format="png", dpi=90)
-  plt.close(figure)
-  return f'<img src="data:image/png;base64,{base64.b64encode(buffer.getvalue()).decode()}">'
+  return figure_img(plt, figure)
 
 
 def metric_rows(metrics: dict, prefix: str = "") -> list[list]:

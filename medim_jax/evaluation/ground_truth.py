@@ -63,12 +63,13 @@ def load_examples(manifest: dict, index: dict[int, dict], example_ids, image_siz
     candidates = [dataset_folders.get(entry["split"], ""), dataset_folders.get("train", "")]
     pairs.append(_find_pair(entry["name"], [c for c in candidates if c]))
   data = folders.load_pairs(pairs, image_size, square, on_bad_pair="error")
-  return _with_labels(data, dataset_folders.get("test") or dataset_folders["train"])
+  return _with_labels(data, [os.path.dirname(image) for _, image, _ in pairs])
 
 
 def load_split(folder: str, image_size: int, square: str) -> Reference:
   """Every pair of a split folder (e.g. a dataset's training set, for nearest-neighbour checks)."""
-  return _with_labels(folders.load(folder, image_size, square), folder)
+  data = folders.load(folder, image_size, square)
+  return _with_labels(data, [folder] * len(data))
 
 
 def _find_pair(name: str, candidates: list[str]) -> tuple[str, str, str]:
@@ -82,15 +83,19 @@ def _find_pair(name: str, candidates: list[str]) -> tuple[str, str, str]:
                           "data folders changed since tokenizing; re-run --mode tokenize")
 
 
-def _with_labels(data: folders.FolderData, split_folder: str) -> Reference:
-  labels_by_name = read_labels(split_folder)
-  labels, findings = None, ()
-  if labels_by_name:
-    findings = tuple(next(iter(labels_by_name.values())).keys())
-    missing = [n for n in data.names if n not in labels_by_name]
-    if missing:
-      raise ValueError(f"{LABELS_FILE} beside {split_folder} has no labels for {missing[:3]} "
-                       f"({len(missing)} in all)")
-    labels = np.array([[bool(labels_by_name[n][f]) for f in findings] for n in data.names])
+def _with_labels(data: folders.FolderData, label_folders: list[str]) -> Reference:
+  """``label_folders[i]`` is the split folder whose labels.jsonl (in it or beside it) labels pair i."""
+  labels_of = {folder: read_labels(folder) for folder in dict.fromkeys(label_folders)}
+  present = [found for found in labels_of.values() if found]
+  if not present:
+    return Reference(names=list(data.names), images=data.images, reports=list(data.texts),
+                     labels=None, findings=())
+  findings = tuple(next(iter(present[0].values())).keys())
+  missing = [(n, f) for n, f in zip(data.names, label_folders) if n not in (labels_of[f] or {})]
+  if missing:
+    raise ValueError(f"{LABELS_FILE} in or beside {missing[0][1]} has no labels for "
+                     f"{missing[0][0]!r} ({len(missing)} examples without labels in all)")
+  labels = np.array([[bool(labels_of[f][n][k]) for k in findings]
+                     for n, f in zip(data.names, label_folders)])
   return Reference(names=list(data.names), images=data.images, reports=list(data.texts),
                    labels=labels, findings=findings)

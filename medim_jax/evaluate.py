@@ -109,11 +109,9 @@ def cached_generation(config, trainer, params, dataset, split, task, step, out_d
       "example_ids": [int(i) for i in split.example_id]}, sort_keys=True).encode()).hexdigest()
   task_dir = os.path.join(out_dir, "generated", task)
   tokens_path, key_path = os.path.join(task_dir, "tokens.npy"), os.path.join(task_dir, "key.txt")
-  if os.path.exists(key_path) and open(key_path).read() == key and os.path.exists(tokens_path):
+  if is_cached(key_path, key, tokens_path):
     print(f"  {task}: reusing {tokens_path}")
     return np.load(tokens_path)
-  if os.path.exists(key_path):  # the key is written last: a run cut short leaves none behind
-    os.remove(key_path)
   tokens = sample.generate_task(config, trainer, params, dataset.layout, split, task)
   os.makedirs(task_dir, exist_ok=True)
   sample.write_task(task_dir, task, tokens, split, dataset, step)
@@ -122,15 +120,28 @@ def cached_generation(config, trainer, params, dataset, split, task, step, out_d
   return tokens
 
 
+def is_cached(key_path: str, key: str, output: str) -> bool:
+  """Whether ``output`` was made from inputs hashing to ``key``. The key file is written after the
+  output, so a run cut short leaves no key; a stale key is removed before the output is rewritten."""
+  if os.path.exists(key_path):
+    with open(key_path) as f:
+      if f.read() == key and os.path.exists(output):
+        return True
+    os.remove(key_path)
+  return False
+
+
 def evaluate_dataset(config, name, manifest, index, split, generated, image_tokenizer, out_dir):
   """Metrics of one dataset's examples; also returns what the page shows."""
   data_cfg = config.data
+  dataset_folders = manifest["datasets"][name]["folders"]
   originals = ground_truth.load_examples(manifest, index, split.example_id, data_cfg.image_size,
                                          data_cfg.square)
-  training = ground_truth.load_split(manifest["datasets"][name]["folders"]["train"],
-                                     data_cfg.image_size, data_cfg.square)
-  features = tokenizer_features(image_tokenizer)
-  train_features = features(training.images)
+  training = ground_truth.load_split(dataset_folders["train"], data_cfg.image_size, data_cfg.square)
+  features, name_fd, description = tokenizer_features(image_tokenizer)
+  image_tasks = [t for t in ("report_to_image", "joint") if t in generated]
+  feats = {"train": features(training.images), "real": features(originals.images),
+           **{t: features(generated[t]["images"]) for t in image_tasks}}
   result, shown = {}, {"originals": originals, "generated": generated, "training": training}
 
   if "image_to_report" in generated and config.eval.report_metrics:
@@ -138,63 +149,54 @@ def evaluate_dataset(config, name, manifest, index, split, generated, image_toke
     result["report_metrics"] = report_metrics.evaluate_reports(
         originals.reports, generated["image_to_report"]["reports"])
 
-  image_tasks = [t for t in ("report_to_image", "joint") if t in generated]
-  real_features, name_fd = features(originals.images), frechet_name(image_tokenizer)
-  result["image_metrics"] = {"features": feature_description(image_tokenizer)}
+  result["image_metrics"] = {"features": description}
   for task in image_tasks:
-    images = generated[task]["images"]
     result["image_metrics"][task] = {
-        **image_metrics.inception_metrics(images, originals.images, config.eval.inception_weights),
-        **image_metrics.frechet_distance_of_features(name_fd, real_features, features(images))}
+        **image_metrics.inception_metrics(generated[task]["images"], originals.images,
+                                          config.eval.inception_weights),
+        **image_metrics.frechet_distance_of_features(name_fd, feats["real"], feats[task])}
   result["image_metrics"]["reference: real training vs real test images"] = (
-      image_metrics.frechet_distance_of_features(name_fd, real_features, train_features))
+      image_metrics.frechet_distance_of_features(name_fd, feats["real"], feats["train"]))
 
   result["memorisation"], shown["memorisation"] = memorisation_checks(
-      originals, training, generated, features, train_features)
+      originals, training, generated, feats)
 
   if originals.labels is not None:
     result["clinical"], shown["clinical"] = clinical_agreement(
-        config, name, originals, training, generated, features, train_features, image_tokenizer,
+        config, name, dataset_folders, originals, training, generated, feats, image_tokenizer,
         out_dir)
   return result, shown
 
 
 def tokenizer_features(image_tokenizer):
-  """Continuous features of the image tokenizer's encoder (pixels, downsampled, where it has none)."""
+  """(feature function, Fréchet-distance name, description) of the image tokenizer's encoder; pixels
+  averaged to 16x16 for a tokenizer without one (k-means patches)."""
   if hasattr(image_tokenizer, "features"):
-    return image_tokenizer.features
+    return (image_tokenizer.features, "frechet_distance_tokenizer_encoder_features",
+            f"the {type(image_tokenizer).__name__}'s encoder latents before quantisation "
+            "(not Inception)")
 
   def pixels(images):
     images = np.asarray(images, np.float32) / 255.0
     n, s = images.shape[0], images.shape[1]
     f = max(s // 16, 1)
     return images[:, :s // f * f, :s // f * f].reshape(n, s // f, f, s // f, f, 3).mean((2, 4)).reshape(n, -1)
-  return pixels
+  return (pixels, "frechet_distance_16x16_pixels",
+          "pixels in [0, 1] averaged to 16x16 (the image tokenizer has no encoder; not Inception)")
 
 
-def frechet_name(image_tokenizer) -> str:
-  if hasattr(image_tokenizer, "features"):
-    return "frechet_distance_tokenizer_encoder_features"
-  return "frechet_distance_16x16_pixels"
-
-
-def feature_description(image_tokenizer) -> str:
-  if hasattr(image_tokenizer, "features"):
-    return f"the {type(image_tokenizer).__name__}'s encoder latents before quantisation (not Inception)"
-  return "pixels in [0, 1] averaged to 16x16 (the image tokenizer has no encoder; not Inception)"
-
-
-def memorisation_checks(originals, training, generated, features, train_features):
-  """Nearest training image (pixels, tokenizer features) and longest verbatim run shared with a
-  training report, for the generated samples and, as the yardstick, for the real test samples."""
-  images = {"reference: real test images": originals.images,
-            **{t: generated[t]["images"] for t in ("report_to_image", "joint") if t in generated}}
+def memorisation_checks(originals, training, generated, feats):
+  """Nearest training image (pixels, tokenizer features ``feats``) and longest verbatim run shared
+  with a training report, for the generated samples and, as the yardstick, the real test samples."""
+  images = {"reference: real test images": (originals.images, feats["real"]),
+            **{t: (generated[t]["images"], feats[t]) for t in ("report_to_image", "joint")
+               if t in generated}}
   reports = {"reference: real test reports": originals.reports,
              **{t: generated[t]["reports"] for t in ("image_to_report", "joint") if t in generated}}
   result, shown = {"images": {}, "reports": {}}, {"images": {}, "reports": {}}
-  for name, batch in images.items():
+  for name, (batch, batch_features) in images.items():
     pixel = memorisation.nearest_images(batch, training.images)
-    feature = memorisation.nearest_features(features(batch), train_features)
+    feature = memorisation.nearest_features(batch_features, feats["train"])
     result["images"][name] = {"nearest training image, pixel RMSE (0-255)": pixel.summary(),
                               "nearest training image, tokenizer-feature L2": feature.summary()}
     shown["images"][name] = pixel
@@ -206,7 +208,7 @@ def memorisation_checks(originals, training, generated, features, train_features
   return result, shown
 
 
-def clinical_agreement(config, name, originals, training, generated, features, train_features,
+def clinical_agreement(config, name, dataset_folders, originals, training, generated, feats,
                        image_tokenizer, out_dir):
   """Finding F1 of generated reports / images against the true labels, with baselines beside them."""
   unknown = [f for f in originals.findings if f not in clinical.FINDINGS]
@@ -216,30 +218,32 @@ def clinical_agreement(config, name, originals, training, generated, features, t
   findings, true, n = originals.findings, originals.labels, len(originals.labels)
   f1 = lambda predicted: clinical.f1_table(predicted, true, findings)
   extract = lambda reports: clinical.extract_matrix(reports)[:, columns]
-  classifier, description = cached_classifier(config, name, training, out_dir)
+  classifier, description = cached_classifier(config, name, dataset_folders, training,
+                                                out_dir)
   result, shown = {"classifier": {"description": description}}, {}
+  real_from_report = extract(originals.reports)
+  real_from_image = classifier.predict_labels(originals.images)
 
   if "image_to_report" in generated:
-    _, retrieved = clinical.retrieval_baseline(features(originals.images), train_features,
-                                               training.reports)
+    _, retrieved = clinical.retrieval_baseline(feats["real"], feats["train"], training.reports)
     result["image_to_report"] = {
         "MeDiM": f1(extract(generated["image_to_report"]["reports"])),
         "retrieval baseline": f1(extract(retrieved)),
         "majority baseline": f1(clinical.majority_baseline(training.labels, n)),
-        "extractor on the real report (ceiling)": f1(extract(originals.reports))}
+        "extractor on the real report (ceiling)": f1(real_from_report)}
   if "report_to_image" in generated:
     reconstructed = image_tokenizer.decode(image_tokenizer.encode(originals.images))
     result["report_to_image"] = {
         "MeDiM": f1(classifier.predict_labels(generated["report_to_image"]["images"])),
         "chance (random at training prevalence)": chance_f1(training.labels, true, findings),
-        "classifier on the real image": f1(classifier.predict_labels(originals.images)),
+        "classifier on the real image": f1(real_from_image),
         "classifier on the tokenizer's reconstruction (ceiling)":
             f1(classifier.predict_labels(reconstructed))}
   if "joint" in generated:
     from_report = extract(generated["joint"]["reports"])
     from_image = classifier.predict_labels(generated["joint"]["images"])
     agree = (from_report == from_image).all(axis=1)
-    real_agree = (extract(originals.reports) == classifier.predict_labels(originals.images)).all(1)
+    real_agree = (real_from_report == real_from_image).all(axis=1)
     result["joint_consistency"] = {
         "pairs": int(len(agree)),
         "pairs whose report and image agree on every finding": float(agree.mean()),
@@ -264,22 +268,23 @@ def chance_f1(train_labels, true, findings) -> dict:
   return table
 
 
-def cached_classifier(config, name, training, out_dir):
-  """The finding classifier of one dataset, trained on its training images (cached by inputs)."""
+def cached_classifier(config, name, dataset_folders, training, out_dir):
+  """The finding classifier of one dataset, trained on its training images, thresholds on its
+  validation folder when that has labels (cached by inputs)."""
   steps, seed = config.eval.classifier_steps, config.seed
   key = hashlib.sha256(json.dumps({"names": training.names, "steps": steps, "seed": seed,
                                    "size": int(training.images.shape[1])}).encode()).hexdigest()
   path = os.path.join(out_dir, f"finding_classifier_{name}.npz")
-  if os.path.exists(path) and os.path.exists(path + ".key") and open(path + ".key").read() == key:
+  if is_cached(path + ".key", key, path):
     classifier = clinical.FindingClassifier.load(path)
   else:
-    if os.path.exists(path + ".key"):  # written last, as for the generations
-      os.remove(path + ".key")
     print(f"  training the {name} finding classifier ({steps} steps, {len(training.names)} images)")
     classifier = clinical.train_finding_classifier(training.images, training.labels, steps=steps,
                                                    seed=seed, findings=training.findings)
-    val = validation_split(config, name, training)
-    if val is not None:
+    val_folder = dataset_folders.get("val", "")
+    val = (ground_truth.load_split(val_folder, config.data.image_size, config.data.square)
+           if val_folder and os.path.isdir(val_folder) else None)
+    if val is not None and val.labels is not None:
       classifier.calibrate(val.images, val.labels)
     classifier.save(path)
     with open(path + ".key", "w") as f:
@@ -289,15 +294,6 @@ def cached_classifier(config, name, training, out_dir):
                       "thresholds set for best F1 on the validation split. Its scores on the real "
                       "test images and on their tokenizer reconstructions are the ceilings the "
                       "report->image column can be read against.")
-
-
-def validation_split(config, name, training):
-  from medim_jax.data import tokenize
-  folder = tokenize.source_folders(config, progress=False).get(name, {}).get("val", "")
-  if not folder or not os.path.isdir(folder):
-    return None
-  val = ground_truth.load_split(folder, config.data.image_size, config.data.square)
-  return val if val.labels is not None else None
 
 
 def export_synthetic(config, name, joint, agree, out_dir) -> None:

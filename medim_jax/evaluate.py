@@ -162,7 +162,7 @@ def evaluate_dataset(config, name, manifest, index, split, generated, image_toke
       originals, training, generated, feats)
 
   if originals.labels is not None:
-    result["clinical"], shown["clinical"] = clinical_agreement(
+    result["clinical"] = clinical_agreement(
         config, name, dataset_folders, originals, training, generated, feats, image_tokenizer,
         out_dir)
   return result, shown
@@ -213,14 +213,14 @@ def clinical_agreement(config, name, dataset_folders, originals, training, gener
   """Finding F1 of generated reports / images against the true labels, with baselines beside them."""
   unknown = [f for f in originals.findings if f not in clinical.FINDINGS]
   if unknown:
-    return {"unavailable": f"the rule extractor knows {clinical.FINDINGS}, not {unknown}"}, {}
+    return {"unavailable": f"the rule extractor knows {clinical.FINDINGS}, not {unknown}"}
   columns = [clinical.FINDINGS.index(f) for f in originals.findings]
   findings, true, n = originals.findings, originals.labels, len(originals.labels)
   f1 = lambda predicted: clinical.f1_table(predicted, true, findings)
   extract = lambda reports: clinical.extract_matrix(reports)[:, columns]
   classifier, description = cached_classifier(config, name, dataset_folders, training,
                                                 out_dir)
-  result, shown = {"classifier": {"description": description}}, {}
+  result = {"classifier": {"description": description}}
   real_from_report = extract(originals.reports)
   real_from_image = classifier.predict_labels(originals.images)
 
@@ -251,9 +251,8 @@ def clinical_agreement(config, name, dataset_folders, originals, training, gener
         "per finding agreement": {f: float((from_report[:, j] == from_image[:, j]).mean())
                                   for j, f in enumerate(findings)},
         "per_pair": [bool(a) for a in agree]}
-    shown["joint_agree"] = agree
     export_synthetic(config, name, generated["joint"], agree, out_dir)
-  return result, shown
+  return result
 
 
 def chance_f1(train_labels, true, findings) -> dict:

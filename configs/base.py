@@ -44,6 +44,7 @@ def get_config(arg=None):
   config.data.truncate_reports = True   # reports longer than the text segment are cut (and counted)
 
   # Shards and the grain pipeline.
+  config.data.verify_shards = True      # check every shard's sha256 before training or sampling
   config.data.shards_dir = ""           # "" -> WORKDIR/shards; several comma-separated dirs are mixed
   config.data.records_per_shard = 1024
   config.data.train_on_padding = True   # padding is generated (reports end by themselves)
@@ -133,6 +134,12 @@ def get_config(arg=None):
   config.train.num_eval_batches = 4
   config.train.checkpoint_every = 500
   config.train.max_checkpoints_to_keep = 3
+  config.train.keep_checkpoint_period = 0  # > 0 also keeps every checkpoint at a multiple of this
+  # A non-finite loss or gradient is never applied; then "skip" goes on (stopping after
+  # max_consecutive_nonfinite in a row) or "stop" ends the run with the last checkpoint intact.
+  config.train.on_nonfinite = "skip"
+  config.train.max_consecutive_nonfinite = 10
+  config.train.loss_spike_sigma = 6.0   # log steps whose loss exceeds mean + this * std; 0: off
   # jax 0.10.2 CPU collectives can deadlock with several devices unless each step is synced.
   config.train.sync_every_step = "auto"  # "auto" (CPU with >1 device) | "always" | "never"
 

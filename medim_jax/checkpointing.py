@@ -1,7 +1,8 @@
 """Orbax checkpoints of the whole train state and the data iterator's position.
 
 Orbax writes each checkpoint into a temporary directory and renames it when complete, so a crash
-while saving leaves the previous checkpoint usable. Restoring goes against an abstract state, so
+while saving leaves the previous checkpoint usable (the half-written one is removed on the next
+start). Restoring goes against an abstract state, so
 the restored arrays get the shapes, dtypes (and later shardings) the current run expects.
 """
 
@@ -12,6 +13,8 @@ import os
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
+
+from medim_jax import errors
 
 
 def _path_name(path) -> str:
@@ -27,19 +30,25 @@ def _path_name(path) -> str:
 
 class Checkpointer:
 
-  def __init__(self, directory: str, max_to_keep: int):
+  def __init__(self, directory: str, max_to_keep: int, keep_period: int = 0):
+    """Keeps the newest ``max_to_keep`` checkpoints, and every multiple of ``keep_period`` (> 0)."""
     self.directory = os.path.abspath(directory)
     self.manager = ocp.CheckpointManager(
         self.directory,
         item_handlers={"state": ocp.StandardCheckpointHandler(),
                        "data_iter": ocp.JsonCheckpointHandler()},
-        options=ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=True))
+        options=ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, keep_period=keep_period or None,
+                                             create=True, cleanup_tmp_directories=True))
 
   def latest_step(self) -> int | None:
     return self.manager.latest_step()
 
   def all_steps(self) -> list[int]:
     return sorted(self.manager.all_steps())
+
+  def reached_preemption(self, step: int) -> bool:
+    """True on every host once the JAX distributed service has seen a preemption notice."""
+    return self.manager.reached_preemption(step)
 
   def save(self, step: int, state, data_iter=None) -> None:
     items = {"state": ocp.args.StandardSave(state)}
@@ -70,10 +79,18 @@ class Checkpointer:
     stored_shapes = {_path_name(path): tuple(leaf.shape)
                      for path, leaf in jax.tree_util.tree_leaves_with_path(stored)
                      if hasattr(leaf, "shape")}
+    wanted = {_path_name(path) for path, _ in jax.tree_util.tree_leaves_with_path(abstract_state)}
+    for missing, there, here in ((sorted(wanted - set(stored_shapes)), "lacks", "needs"),
+                                 (sorted(set(stored_shapes) - wanted), "holds", "has no")):
+      if missing:
+        raise errors.InputError(
+            f"checkpoint {self.directory}/{step} {there} {missing[0]} (and {len(missing) - 1} more), "
+            f"which this run {here} (EMA on in one and off in the other, or another model): use "
+            "the config the checkpoint was trained with, or a fresh --workdir.")
     for path, leaf in jax.tree_util.tree_leaves_with_path(abstract_state):
       key = _path_name(path)
       if key in stored_shapes and stored_shapes[key] != tuple(np.shape(leaf)):
-        raise ValueError(
+        raise errors.InputError(
             f"checkpoint {self.directory}/{step} does not match this model: {key} is "
             f"{stored_shapes[key]} there but {tuple(np.shape(leaf))} here. Use the config the "
             "checkpoint was trained with, or a fresh --workdir.")

@@ -25,11 +25,15 @@ def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   logging.set_verbosity(logging.WARNING)  # orbax logs every file operation at INFO
-  from medim_jax import jobs  # after flag parsing, so --help stays fast
+  from medim_jax import errors, jobs  # after flag parsing, so --help stays fast
   try:
     jobs.run(_CONFIG.value, _WORKDIR.value, _MODE.value)
-  except FileNotFoundError as e:  # a missing checkpoint or input: the message says what to do
-    sys.exit(f"error: {e}")
+  except (FileNotFoundError, errors.InputError, errors.NonFiniteError) as e:
+    sys.exit(f"error: {e}")  # the message names the input and the fix; a traceback adds nothing
+  except errors.Preempted as e:
+    print(e, file=sys.stderr)
+    # The shell's code for death by that signal, so job schedulers see a preemption, not success.
+    sys.exit(128 + (e.signal_number or 15))
 
 
 def run():

@@ -14,7 +14,7 @@ import numpy as np
 import optax
 from flax import nnx
 
-from medim_jax import checkpointing, progress as progress_bars
+from medim_jax import checkpointing, errors, loss_watch, preemption, progress as progress_bars
 from medim_jax.data import base as data_base
 from medim_jax.diffusion import corruption, loss as loss_lib, schedules
 from medim_jax.models import transformer
@@ -105,8 +105,15 @@ class Trainer:
     if ema is not None:
       decay = self.config.train.ema_decay
       ema = jax.tree.map(lambda e, p: decay * e + (1.0 - decay) * p, ema, params)
-    metrics = dict(metrics, grad_norm=optax.tree.norm(grads),
-                   learning_rate=self.learning_rate(state.step))
+    grad_norm = optax.tree.norm(grads)
+    finite = jnp.isfinite(metrics["loss"]) & jnp.isfinite(grad_norm)
+    # A non-finite loss or gradient never reaches the state: the step keeps what it had (the step
+    # counter still advances, so the data and keys move on); loss_watch decides whether to go on.
+    keep_if_bad = lambda new, old: jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)
+    params, opt_state = keep_if_bad(params, state.params), keep_if_bad(opt_state, state.opt_state)
+    ema = keep_if_bad(ema, state.ema_params)
+    metrics = dict(metrics, grad_norm=grad_norm, learning_rate=self.learning_rate(state.step),
+                   nonfinite=jnp.logical_not(finite).astype(jnp.float32))
     return state.replace(step=state.step + 1, params=params, opt_state=opt_state, ema_params=ema), metrics
 
   def _eval_step(self, params, batch, index):
@@ -121,9 +128,12 @@ class Trainer:
 class MetricWriter:
   """Log lines, a metrics.jsonl for plots, and TensorBoard event files, all under workdir."""
 
-  def __init__(self, workdir: str):
+  def __init__(self, workdir: str, resume_step: int | None = None):
     os.makedirs(workdir, exist_ok=True)
-    self.jsonl = open(os.path.join(workdir, "metrics.jsonl"), "a")
+    path = os.path.join(workdir, "metrics.jsonl")
+    if resume_step is not None:
+      _drop_rows_after(path, resume_step)
+    self.jsonl = open(path, "a")
     try:
       from tensorboardX import SummaryWriter
       self.tensorboard = SummaryWriter(os.path.join(workdir, "tensorboard"))
@@ -144,12 +154,25 @@ class MetricWriter:
       self.tensorboard.close()
 
 
+def _drop_rows_after(path: str, step: int) -> None:
+  """A resumed run redoes the steps after its checkpoint: their old rows would be duplicates."""
+  if not os.path.exists(path):
+    return
+  with open(path) as f:
+    lines = f.readlines()
+  kept = [line for line in lines if line.strip() and json.loads(line).get("step", 0) <= step]
+  if len(kept) != len(lines):
+    with open(path + ".tmp", "w") as f:
+      f.writelines(kept)
+    os.replace(path + ".tmp", path)
+
+
 def _should_sync_every_step(setting: str) -> bool:
   if setting == "auto":
     return jax.default_backend() == "cpu" and jax.device_count() > 1
   if setting in ("always", "never"):
     return setting == "always"
-  raise ValueError(f"config.train.sync_every_step must be 'auto', 'always' or 'never', got {setting!r}")
+  raise errors.InputError(f"config.train.sync_every_step must be 'auto', 'always' or 'never', got {setting!r}")
 
 
 def _format(metrics: dict[str, float]) -> str:
@@ -160,15 +183,20 @@ def _format(metrics: dict[str, float]) -> str:
 
 def train_and_evaluate(config, workdir: str, dataset: data_base.PairedDataset | None = None,
                        progress: bool = True) -> TrainState:
-  """Train (resuming from the latest checkpoint in workdir) up to config.train.num_steps."""
+  """Train (resuming from the latest checkpoint in workdir) up to config.train.num_steps.
+
+  On SIGTERM/SIGINT the current step finishes, a checkpoint is saved and ``errors.Preempted`` is
+  raised; a non-finite step is handled as config.train.on_nonfinite says (see loss_watch).
+  """
   dataset = dataset or data_base.build_dataset(config, workdir)
   train_cfg = config.train
   trainer = Trainer(config, dataset.layout)
+  watch = loss_watch.LossWatch.from_config(train_cfg)
   data_iter = dataset.train_iterator(train_cfg.batch_size, config.seed)
   eval_batches = dataset.eval_batches(train_cfg.batch_size, train_cfg.num_eval_batches)
   checkpointer = checkpointing.Checkpointer(os.path.join(workdir, "checkpoints"),
-                                            train_cfg.max_checkpoints_to_keep)
-  writer = MetricWriter(workdir)
+                                            train_cfg.max_checkpoints_to_keep,
+                                            train_cfg.keep_checkpoint_period)
   sync = _should_sync_every_step(train_cfg.sync_every_step)
 
   if checkpointer.latest_step() is not None:
@@ -180,33 +208,62 @@ def train_and_evaluate(config, workdir: str, dataset: data_base.PairedDataset | 
     print(f"New run: {num_params:,} parameters, sequence length {dataset.layout.seq_length}, "
           f"vocabulary {dataset.layout.vocab_size}")
   first_step = int(state.step)
+  writer = MetricWriter(workdir, resume_step=first_step)
   tokens_per_batch = train_cfg.batch_size * dataset.layout.seq_length
+
+  def last_checkpoint() -> str:
+    latest = checkpointer.latest_step()
+    return f"{checkpointer.directory}/{latest}" if latest is not None else "none yet"
 
   bar = progress_bars.bar(train_cfg.num_steps, "train", "step", progress, initial=first_step)
   window_start, window_steps, window_metrics = time.perf_counter(), 0, []
+  unread = []  # (step, device metrics) not yet looked at on the host: reading them waits for the step
   try:
-    for step in range(first_step + 1, train_cfg.num_steps + 1):
-      state, metrics = trainer.train_step(state, next(data_iter))
-      window_metrics.append(metrics)
-      window_steps += 1
-      if sync:
-        jax.block_until_ready(state)
-      bar.update(1)
-      if step % train_cfg.log_every == 0 or step == train_cfg.num_steps:
-        summary = {k: float(np.mean([m[k] for m in window_metrics])) for k in window_metrics[0]}
-        elapsed = time.perf_counter() - window_start
-        summary["steps_per_s"] = window_steps / elapsed
-        summary["tokens_per_s"] = window_steps * tokens_per_batch / elapsed
-        writer.write(step, "train", summary)
-        bar.set_postfix(loss=f"{summary['loss']:.3f}")
-        bar.write(f"step {step}: {_format(summary)}")
-        window_start, window_steps, window_metrics = time.perf_counter(), 0, []
-      if step % train_cfg.eval_every == 0 or step == train_cfg.num_steps:
-        eval_metrics = trainer.evaluate(state.params, eval_batches)
-        writer.write(step, "eval", eval_metrics)
-        bar.write(f"step {step} validation: {_format(eval_metrics)}")
-      if step % train_cfg.checkpoint_every == 0 or step == train_cfg.num_steps:
-        checkpointer.save(step, state, data_iter)
+    with preemption.StopRequests() as stop_requests:
+      for step in range(first_step + 1, train_cfg.num_steps + 1):
+        state, metrics = trainer.train_step(state, next(data_iter))
+        unread.append((step, metrics))
+        window_steps += 1
+        if sync:
+          jax.block_until_ready(state)
+        bar.update(1)
+        stopping = stop_requests.requested or checkpointer.reached_preemption(step)
+        last = step == train_cfg.num_steps
+        is_log, is_eval, is_save = (step % every == 0 or last for every in (
+            train_cfg.log_every, train_cfg.eval_every, train_cfg.checkpoint_every))
+        if not (is_log or is_eval or is_save or stopping):
+          continue
+        for read_step, read in jax.device_get(unread):
+          try:
+            note = watch.observe(read_step, float(read["loss"]), bool(read["nonfinite"]))
+          except errors.NonFiniteError as e:
+            raise errors.NonFiniteError(f"{e}. Last checkpoint: {last_checkpoint()}") from None
+          if note:
+            bar.write(note)
+            writer.write(read_step, "loss_event", {"loss": float(read["loss"]),
+                                              "nonfinite": float(read["nonfinite"])})
+          window_metrics.append(read)
+        unread = []
+        if is_log:
+          summary = {k: float(np.mean([m[k] for m in window_metrics])) for k in window_metrics[0]}
+          summary["nonfinite"] = float(np.sum([m["nonfinite"] for m in window_metrics]))
+          elapsed = time.perf_counter() - window_start
+          summary["steps_per_s"] = window_steps / elapsed
+          summary["tokens_per_s"] = window_steps * tokens_per_batch / elapsed
+          writer.write(step, "train", summary)
+          bar.set_postfix(loss=f"{summary['loss']:.3f}")
+          bar.write(f"step {step}: {_format(summary)}")
+          window_start, window_steps, window_metrics = time.perf_counter(), 0, []
+        if is_eval:
+          eval_metrics = trainer.evaluate(state.params, eval_batches)
+          writer.write(step, "eval", eval_metrics)
+          bar.write(f"step {step} validation: {_format(eval_metrics)}")
+        if is_save or (stopping and checkpointer.latest_step() != step):
+          checkpointer.save(step, state, data_iter)
+        if stopping and not last:
+          checkpointer.wait()
+          raise errors.Preempted(stop_requests.signal_name or "preemption notice",
+                                 stop_requests.signal_number or 0, step, checkpointer.directory)
   finally:
     bar.close()
     checkpointer.close()

@@ -23,7 +23,7 @@ import numpy as np
 import optax
 from flax import nnx
 
-from medim_jax import checkpointing, progress, train, visualize
+from medim_jax import checkpointing, errors, progress, train, visualize
 from medim_jax.models import vq
 from medim_jax.tokenizers import image as image_tokenizers
 
@@ -158,7 +158,7 @@ class VQTrainer:
     return image_tokenizers.VQTokenizer(self.vq_config, state.params, image_size)
 
 
-class NoImagesError(ValueError):
+class NoImagesError(errors.InputError):
   pass
 
 

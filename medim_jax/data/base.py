@@ -14,6 +14,7 @@ from typing import Any
 
 import numpy as np
 
+from medim_jax import errors
 from medim_jax.tokenizers.vocab import TokenLayout
 
 BATCH_KEYS = ("tokens", "valid", "prompt_length", "example_id")
@@ -67,7 +68,7 @@ class RandomBatchIterator:
 
   def set_state(self, state: dict[str, Any]) -> None:
     if state["seed"] != self.seed or state["batch_size"] != self.batch_size:
-      raise ValueError(f"data iterator state {state} was saved with a different seed or batch size "
+      raise errors.InputError(f"data iterator state {state} was saved with a different seed or batch size "
                        f"(now seed={self.seed}, batch_size={self.batch_size})")
     self.step = int(state["step"])
 
@@ -101,6 +102,10 @@ def build_dataset(config, workdir: str | None = None):
   if config.data.name in ("medim_demo", "folders"):
     from medim_jax.data import pipeline, tokenize
     directories = tokenize.shards_dirs(config, workdir or ".")
+    if config.data.verify_shards:
+      from medim_jax.data import shards
+      for directory in directories:
+        shards.verify(directory)
     dataset = pipeline.ShardDataset(
         directories, weights={k: v.get("weight", 1.0) for k, v in config.data.datasets.items()},
         train_on_padding=config.data.train_on_padding, read_threads=config.data.read_threads,
@@ -109,9 +114,9 @@ def build_dataset(config, workdir: str | None = None):
     now = tokenize.settings(config)
     changed = sorted(k for k in set(made_with) | set(now) if made_with.get(k) != now.get(k))
     if changed:
-      raise ValueError(f"the shards in {directories[0]} were made with other data settings "
+      raise errors.InputError(f"the shards in {directories[0]} were made with other data settings "
                        f"({', '.join('data.' + k for k in changed)}): use the settings they were made "
                        "with, or tokenize into a new data.shards_dir (or delete the old shards)")
     return dataset
-  raise ValueError(f"unknown config.data.name {config.data.name!r}: expected smoke, medim_demo "
+  raise errors.InputError(f"unknown config.data.name {config.data.name!r}: expected smoke, medim_demo "
                    "or folders")

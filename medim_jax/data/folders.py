@@ -15,10 +15,12 @@ import os
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
+from medim_jax import errors
+
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg")
 
 
-class BadPairError(ValueError):
+class BadPairError(errors.InputError):
   """A pair that cannot be used; the message names the file and the problem."""
 
   def __init__(self, message: str, kind: str = "bad pair"):

@@ -16,6 +16,7 @@ import os
 import grain
 import numpy as np
 
+from medim_jax import errors
 from medim_jax.data import shards
 from medim_jax.data.base import PairedSplit, fixed_batches
 from medim_jax.tokenizers import image as image_tokenizers
@@ -91,7 +92,7 @@ class BatchIterator:
   def set_state(self, state: dict) -> None:
     saved = {k: state.get(k) for k in self.description}
     if saved != self.description:
-      raise ValueError(f"the checkpoint's data iterator was saved for {saved}, this run reads "
+      raise errors.InputError(f"the checkpoint's data iterator was saved for {saved}, this run reads "
                        f"{self.description}: resume with the same data, batch size and seed")
     self._iterator.set_state(state["grain"])
 

@@ -18,11 +18,13 @@ import shutil
 
 import numpy as np
 
+from medim_jax import errors
+
 MANIFEST = "manifest.json"
 FORMAT_VERSION = 1
 
 
-class ShardError(ValueError):
+class ShardError(errors.InputError):
   """Shards that cannot be used as asked; the message names the directory or file."""
 
 
@@ -131,7 +133,8 @@ def verify(directory: str) -> None:
     path = os.path.join(directory, entry["name"])
     split_files(directory, manifest, entry["split"], entry["dataset"])
     if _sha256(path) != entry["sha256"]:
-      raise ShardError(f"shard {path} does not match its sha256 in the manifest: it is corrupt")
+      raise ShardError(f"shard {path} does not match its sha256 in the manifest: it is corrupt; "
+                       "restore it or re-run --mode tokenize")
 
 
 def check_replaceable(directory: str, tokenizers: dict | None = None,

@@ -17,7 +17,7 @@ import tempfile
 
 import numpy as np
 
-from medim_jax import progress as progress_bars
+from medim_jax import errors, progress as progress_bars
 from medim_jax.data import folders, shards
 from medim_jax.tokenizers import image as image_tokenizers
 from medim_jax.tokenizers import text as text_tokenizers
@@ -50,7 +50,7 @@ def source_folders(config, progress: bool = True) -> dict[str, dict]:
       sources[name] = {"prompt": options.get("prompt", ""), "weight": options.get("weight", 1.0),
                        **{s: options.get(s, "") for s in SPLITS}}
     if not sources:
-      raise ValueError("no dataset in config.data.datasets has a train folder: set one, e.g. "
+      raise errors.InputError("no dataset in config.data.datasets has a train folder: set one, e.g. "
                        "--config.data.datasets.chest.train=/data/mimic-cxr/data with configs/demo.py "
                        "(whose datasets are chest and pathology)")
   else:
@@ -142,6 +142,10 @@ def tokenize(config, workdir: str, progress: bool = True) -> dict:
   for name, source in sources.items():
     split_pairs[name], missing = _split_pairs(source, name, config.data.val_fraction)
     skipped += missing
+    if not split_pairs[name]["train"]:
+      first = f"; first problem: {missing[0]}" if missing else ""
+      raise folders.BadPairError(f"{source['train']}: no usable image + report pairs (NAME.png|jpg "
+                                 f"with NAME.txt) for training dataset {name!r}{first}", "empty")
   if skipped and config.data.on_bad_pair == "error":
     raise skipped[0]
 
@@ -185,7 +189,7 @@ def tokenize(config, workdir: str, progress: bool = True) -> dict:
             ids = prompt_ids + text_tok.tokenize(text)
             truncated += len(ids) + 1 > layout.text_length
             if len(ids) + 1 > layout.text_length and not config.data.truncate_reports:
-              raise ValueError(f"{name}/{split}/{pair_name}.txt needs {len(ids) + 1} tokens; the "
+              raise errors.InputError(f"{name}/{split}/{pair_name}.txt needs {len(ids) + 1} tokens; the "
                                f"text segment holds {layout.text_length} (raise data.text_length "
                                "or allow data.truncate_reports)")
             text_ids = text_tokenizers.fixed_length(ids, layout.text_length, text_tok.eos_id,

@@ -116,6 +116,18 @@ def get_config(arg=None):
   config.diffusion.text_loss_weight = 1.0
   config.diffusion.image_loss_weight = 1.0
 
+  # Devices: a (data, fsdp, tensor) mesh; one axis may be -1 (the devices the others leave).
+  config.mesh = ml_collections.ConfigDict()
+  config.mesh.num_devices = 0           # 0: every device; N: the first N (one host only)
+  config.mesh.data = -1
+  config.mesh.fsdp = 1
+  config.mesh.tensor = 1
+  # Logical axis -> mesh axes ("fsdp", "tensor", "data,fsdp"; "" = replicated). A dimension its
+  # axes do not divide is replicated (e.g. one KV head over tensor=2).
+  config.mesh.rules = ml_collections.ConfigDict(dict(
+      vocab="", embed="fsdp", mlp="tensor", heads="tensor", kv_heads="tensor", head_dim="",
+      norm="", adaln_chunk="", embed_out="", time_freq="", segment="", length=""))
+
   # Optimisation.
   config.train = ml_collections.ConfigDict()
   config.train.batch_size = 32

@@ -60,6 +60,7 @@ def get_config(arg=None):
   config.eval.examples_per_dataset = 64
 
   if arg == "tiny":
+    config.mesh.num_devices = 1  # tests run on 8 fake CPU devices; the sharded tests set meshes
     config.vq.channels = 8
     config.vq.channel_mult = (1, 2)
     config.vq.z_channels = 8

@@ -38,6 +38,7 @@ def get_config(arg=None):
   config.sample.num_examples = 64
 
   if arg == "tiny":
+    config.mesh.num_devices = 1  # tests run on 8 fake CPU devices; the sharded tests set meshes
     config.data.num_train = 256
     config.data.num_eval = 32
     config.model.d_model = 32

@@ -18,6 +18,7 @@ from medim_jax import checkpointing, errors, loss_watch, preemption, progress as
 from medim_jax.data import base as data_base
 from medim_jax.diffusion import corruption, loss as loss_lib, schedules
 from medim_jax.models import transformer
+from medim_jax.parallel import mesh as mesh_lib, sharding
 from medim_jax.tokenizers.vocab import TokenLayout
 
 
@@ -37,6 +38,7 @@ class Model:
     self.config = transformer.TransformerConfig.from_config(
         config.model, layout.vocab_size, (layout.text_length, layout.image_length))
     abstract = nnx.eval_shape(lambda: transformer.MeDiMTransformer(self.config, rngs=nnx.Rngs(0)))
+    self.logical_axes = sharding.logical_axes(abstract)
     self.graphdef, abstract_state = nnx.split(abstract)
     self.abstract_params = nnx.to_pure_dict(abstract_state)
 
@@ -62,7 +64,11 @@ def make_optimizer(train_config):
 
 
 class Trainer:
-  """Everything a run needs that follows from the config: model, optimizer, jitted steps."""
+  """Everything a run needs that follows from the config: model, optimizer, mesh, jitted steps.
+
+  The state lives on the mesh as config.mesh.rules say (params and Adam moments by their logical
+  axes, the rest replicated); batches are split over the mesh's data and fsdp axes.
+  """
 
   def __init__(self, config, layout: TokenLayout):
     self.config, self.layout = config, layout
@@ -71,19 +77,44 @@ class Trainer:
     self.task_mix = corruption.TaskMix.from_config(config.diffusion)
     self.modality_weights = (config.diffusion.text_loss_weight, config.diffusion.image_loss_weight)
     self.tx, self.learning_rate = make_optimizer(config.train)
-    self.train_step = jax.jit(self._train_step, donate_argnums=(0,))
-    self.eval_step = jax.jit(self._eval_step)
+    self.mesh = mesh_lib.make_mesh(config.mesh)
+    self.state_shardings = self._state_shardings(sharding.rules_from_config(config.mesh.rules))
+    replicated = sharding.replicated(self.mesh)
+    self._jit_train_step = jax.jit(self._train_step, donate_argnums=(0,),
+                                   out_shardings=(self.state_shardings, replicated))
+    self._jit_eval_step = jax.jit(self._eval_step, out_shardings=replicated)
+
+  def _new_state(self, seed: int) -> TrainState:
+    params = self.model.init(seed)
+    ema = params if self.config.train.ema_decay > 0 else None
+    return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=self.tx.init(params),
+                      ema_params=ema, rng=jax.random.PRNGKey(seed + 1))
+
+  def _state_shardings(self, rules) -> TrainState:
+    abstract = jax.eval_shape(lambda: self._new_state(0))
+    params = sharding.param_shardings(abstract.params, self.model.logical_axes, rules, self.mesh)
+    replicated = sharding.replicated(self.mesh)
+    return TrainState(
+        step=replicated, params=params,
+        opt_state=sharding.optimizer_shardings(self.tx, abstract.opt_state, params, self.mesh),
+        ema_params=params if abstract.ema_params is not None else None, rng=replicated)
 
   def init_state(self, seed: int) -> TrainState:
-    def init():
-      params = self.model.init(seed)
-      ema = params if self.config.train.ema_decay > 0 else None
-      return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=self.tx.init(params),
-                        ema_params=ema, rng=jax.random.PRNGKey(seed + 1))
-    return jax.jit(init)()
+    """A new state, created in place on the mesh (never whole on one device)."""
+    return jax.jit(lambda: self._new_state(seed), out_shardings=self.state_shardings)()
 
   def abstract_state(self) -> TrainState:
-    return jax.eval_shape(lambda: self.init_state(0))
+    """Shapes, dtypes and target shardings: what a checkpoint restores into, on any mesh."""
+    abstract = jax.eval_shape(lambda: self._new_state(0))
+    return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+                        abstract, self.state_shardings)
+
+  def train_step(self, state: TrainState, batch) -> tuple[TrainState, dict]:
+    """One optimizer step on a (host-local) batch; the state passed in is donated."""
+    return self._jit_train_step(state, sharding.place_batch(batch, self.mesh))
+
+  def eval_step(self, params, batch, index):
+    return self._jit_eval_step(params, sharding.place_batch(batch, self.mesh), index)
 
   def _loss(self, params, batch, key):
     time_key, mask_key = jax.random.split(key)

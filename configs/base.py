@@ -103,6 +103,10 @@ def get_config(arg=None):
   config.model.attention_impl = "xla"   # "xla" (einsum, f32 softmax) | "jax_dot_product" (cuDNN on GPU)
   config.model.segment_markers = True   # a learned anchor token before the report and the image
   config.model.learned_position_embedding = False  # absolute positions on top of RoPE (from scratch)
+  # A local Hugging Face Gemma / Liquid checkpoint directory to start from ("" = from scratch): its
+  # first num_layers layers and embedding rows; AdaLN and the timestep MLP start fresh.
+  config.model.pretrained_dir = ""
+  config.model.pretrained_image_token_offset = -1  # checkpoint row of image code 0 (Liquid: 256000)
 
   # Diffusion: forward process and loss.
   config.diffusion = ml_collections.ConfigDict()

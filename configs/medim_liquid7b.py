@@ -1,7 +1,8 @@
 """The paper's model: the first 10 layers of Liquid_V1_7B (a Gemma-7B), 256 report + 1,024 image tokens.
 
-About 3.47B parameters. The shape matches the original so converted weights load; training it
-needs an accelerator slice (the scale-out issue adds meshes and launch scripts).
+About 3.47B parameters. The shape matches the original so Liquid's weights load: pass their local
+directory with --config.model.pretrained_dir=/path/to/Liquid_V1_7B. Training it needs an accelerator
+slice: the mesh below shards params and Adam moments over every device (fsdp = -1).
 """
 
 from configs import base
@@ -22,6 +23,11 @@ def get_config(arg=None):
   config.model.time_scale = 1.0
   config.model.adaln_gate_init = "zero"
   config.model.dtype = "bfloat16"
+  config.model.pretrained_image_token_offset = 256_000  # Liquid's VQ codes follow Gemma's text ids
+
+  # ~42 GB of f32 params + Adam moments + EMA: fully sharded, batch split over the same devices.
+  config.mesh.data = 1
+  config.mesh.fsdp = -1
 
   # What the original runs (REFERENCE.md): AdamW 1e-5, no weight decay, clip 1.0, global batch 8.
   config.train.batch_size = 8

@@ -85,7 +85,9 @@ class Trainer:
     self._jit_eval_step = jax.jit(self._eval_step, out_shardings=replicated)
 
   def _new_state(self, seed: int) -> TrainState:
-    params = self.model.init(seed)
+    return self._state_around(self.model.init(seed), seed)
+
+  def _state_around(self, params, seed: int) -> TrainState:
     ema = params if self.config.train.ema_decay > 0 else None
     return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=self.tx.init(params),
                       ema_params=ema, rng=jax.random.PRNGKey(seed + 1))
@@ -100,8 +102,18 @@ class Trainer:
         ema_params=params if abstract.ema_params is not None else None, rng=replicated)
 
   def init_state(self, seed: int) -> TrainState:
-    """A new state, created in place on the mesh (never whole on one device)."""
-    return jax.jit(lambda: self._new_state(seed), out_shardings=self.state_shardings)()
+    """A new state, created in place on the mesh (never whole on one device); its params come
+    from config.model.pretrained_dir (a Hugging Face Gemma / Liquid checkpoint) when set."""
+    pretrained = self.config.model.pretrained_dir
+    if not pretrained:
+      return jax.jit(lambda: self._new_state(seed), out_shardings=self.state_shardings)()
+    from medim_jax.convert import hf_gemma
+    offset = self.config.model.pretrained_image_token_offset
+    params = hf_gemma.load(pretrained, self.model.config, self.layout, seed=seed,
+                           shardings=self.state_shardings.params,
+                           image_token_offset=offset if offset >= 0 else None)
+    print(f"Initialised from {pretrained} (first {self.model.config.num_layers} layers)")
+    return jax.jit(lambda p: self._state_around(p, seed), out_shardings=self.state_shardings)(params)
 
   def abstract_state(self) -> TrainState:
     """Shapes, dtypes and target shardings: what a checkpoint restores into, on any mesh."""

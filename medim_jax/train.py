@@ -70,14 +70,15 @@ class Trainer:
   axes, the rest replicated); batches are split over the mesh's data and fsdp axes.
   """
 
-  def __init__(self, config, layout: TokenLayout):
+  def __init__(self, config, layout: TokenLayout, devices=None):
+    """``devices``: the mesh's devices when not jax.devices() (ahead-of-time compilation)."""
     self.config, self.layout = config, layout
     self.model = Model(config, layout)
     self.schedule = schedules.get_schedule(config.diffusion.schedule, config.diffusion.eps)
     self.task_mix = corruption.TaskMix.from_config(config.diffusion)
     self.modality_weights = (config.diffusion.text_loss_weight, config.diffusion.image_loss_weight)
     self.tx, self.learning_rate = make_optimizer(config.train)
-    self.mesh = mesh_lib.make_mesh(config.mesh)
+    self.mesh = mesh_lib.make_mesh(config.mesh, devices)
     self.state_shardings = self._state_shardings(sharding.rules_from_config(config.mesh.rules))
     replicated = sharding.replicated(self.mesh)
     self._jit_train_step = jax.jit(self._train_step, donate_argnums=(0,),

@@ -35,9 +35,13 @@ def mesh_shape(mesh_config, device_count: int) -> tuple[int, ...]:
   return tuple(sizes)
 
 
-def mesh_devices(mesh_config) -> list:
-  """Every device, or the first config.mesh.num_devices of them (single-process runs only)."""
-  devices = jax.devices()
+def mesh_devices(mesh_config, devices=None) -> list:
+  """Every device, or the first config.mesh.num_devices of them (single-process runs only).
+
+  ``devices`` replaces jax.devices(), e.g. by the devices of a TPU topology compiled for ahead of
+  time on a host that has none of them.
+  """
+  devices = list(jax.devices() if devices is None else devices)
   wanted = int(mesh_config.num_devices)
   if wanted <= 0:
     return devices
@@ -45,14 +49,15 @@ def mesh_devices(mesh_config) -> list:
     raise errors.InputError("config.mesh.num_devices must be 0 (every device) on several hosts")
   if wanted > len(devices):
     raise errors.InputError(f"config.mesh.num_devices={wanted}, but only {len(devices)} "
-                            f"{jax.default_backend()} devices are visible")
+                            f"{devices[0].platform} devices are visible")
   return devices[:wanted]
 
 
-def make_mesh(mesh_config) -> jax.sharding.Mesh:
-  devices = mesh_devices(mesh_config)
+def make_mesh(mesh_config, devices=None) -> jax.sharding.Mesh:
+  every = list(jax.devices() if devices is None else devices)
+  devices = mesh_devices(mesh_config, every)
   shape = mesh_shape(mesh_config, len(devices))
-  if len(devices) == len(jax.devices()):
+  if len(devices) == len(every):
     grid = mesh_utils.create_device_mesh(shape, devices)  # topology-aware order on TPU/GPU
   else:
     grid = np.asarray(devices).reshape(shape)

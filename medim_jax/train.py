@@ -170,9 +170,15 @@ class Trainer:
 
 
 class MetricWriter:
-  """Log lines, a metrics.jsonl for plots, and TensorBoard event files, all under workdir."""
+  """Log lines, a metrics.jsonl for plots, and TensorBoard event files, all under workdir.
+
+  On several hosts only the first writes (the metrics are global arrays, the same on every host).
+  """
 
   def __init__(self, workdir: str, resume_step: int | None = None):
+    self.enabled = jax.process_index() == 0
+    if not self.enabled:
+      return
     os.makedirs(workdir, exist_ok=True)
     path = os.path.join(workdir, "metrics.jsonl")
     if resume_step is not None:
@@ -185,6 +191,8 @@ class MetricWriter:
       self.tensorboard = None
 
   def write(self, step: int, prefix: str, metrics: dict[str, float]) -> None:
+    if not self.enabled:
+      return
     self.jsonl.write(json.dumps({"step": step, "split": prefix, **metrics}) + "\n")
     self.jsonl.flush()
     if self.tensorboard is not None:
@@ -193,6 +201,8 @@ class MetricWriter:
       self.tensorboard.flush()
 
   def close(self) -> None:
+    if not self.enabled:
+      return
     self.jsonl.close()
     if self.tensorboard is not None:
       self.tensorboard.close()
@@ -259,7 +269,10 @@ def train_and_evaluate(config, workdir: str, dataset: data_base.PairedDataset | 
     latest = checkpointer.latest_step()
     return f"{checkpointer.directory}/{latest}" if latest is not None else "none yet"
 
-  bar = progress_bars.bar(train_cfg.num_steps, "train", "step", progress, initial=first_step)
+  is_main = jax.process_index() == 0
+  bar = progress_bars.bar(train_cfg.num_steps, "train", "step", progress and is_main,
+                          initial=first_step)
+  log = bar.write if is_main else lambda line: None
   window_start, window_steps, window_metrics = time.perf_counter(), 0, []
   unread = []  # (step, device metrics) not yet looked at on the host: reading them waits for the step
   try:
@@ -283,7 +296,7 @@ def train_and_evaluate(config, workdir: str, dataset: data_base.PairedDataset | 
           except errors.NonFiniteError as e:
             raise errors.NonFiniteError(f"{e}. Last checkpoint: {last_checkpoint()}") from None
           if note:
-            bar.write(note)
+            log(note)
             writer.write(read_step, "loss_event", {"loss": float(read["loss"]),
                                               "nonfinite": float(read["nonfinite"])})
           window_metrics.append(read)
@@ -296,12 +309,12 @@ def train_and_evaluate(config, workdir: str, dataset: data_base.PairedDataset | 
           summary["tokens_per_s"] = window_steps * tokens_per_batch / elapsed
           writer.write(step, "train", summary)
           bar.set_postfix(loss=f"{summary['loss']:.3f}")
-          bar.write(f"step {step}: {_format(summary)}")
+          log(f"step {step}: {_format(summary)}")
           window_start, window_steps, window_metrics = time.perf_counter(), 0, []
         if is_eval:
           eval_metrics = trainer.evaluate(state.params, eval_batches)
           writer.write(step, "eval", eval_metrics)
-          bar.write(f"step {step} validation: {_format(eval_metrics)}")
+          log(f"step {step} validation: {_format(eval_metrics)}")
         if is_save or (stopping and checkpointer.latest_step() != step):
           checkpointer.save(step, state, data_iter)
         if stopping and not last:

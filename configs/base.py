@@ -101,6 +101,7 @@ def get_config(arg=None):
   config.model.init_std = 0.02
   config.model.dtype = "float32"        # compute dtype; params and optimizer state stay float32
   config.model.attention_impl = "xla"   # "xla" (einsum, f32 softmax) | "jax_dot_product" (cuDNN on GPU)
+  config.model.remat_policy = "none"   # none | full | dots | dots_no_batch: recompute in backward
   config.model.segment_markers = True   # a learned anchor token before the report and the image
   config.model.learned_position_embedding = False  # absolute positions on top of RoPE (from scratch)
   # A local Hugging Face Gemma / Liquid checkpoint directory to start from ("" = from scratch): its

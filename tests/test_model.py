@@ -180,3 +180,20 @@ def test_paper_config_has_the_original_parameter_count():
   count = transformer.count_params(Model(config, layout).abstract_params)
   # 10 Gemma-7B layers with AdaLN (3.335B) + 40,196 x 3,072 tied embedding + time MLP, plus 2 markers.
   assert count == 3_468_432_384 + 2 * 3072
+
+
+@pytest.mark.parametrize("policy", ["full", "dots"])
+def test_remat_recomputes_without_changing_the_gradients(policy):
+  apply, params = helpers.tiny_model()
+  remat_apply, _ = helpers.tiny_model(remat_policy=policy)
+  rng = np.random.default_rng(0)
+  tokens, sigma = helpers.random_tokens(rng, 2), jnp.asarray([0.5, 2.0])
+
+  def loss(apply_fn):
+    return jax.grad(lambda p: jnp.mean(apply_fn(p, tokens, sigma) ** 2))(params)
+
+  for want, got in zip(jax.tree.leaves(loss(apply)), jax.tree.leaves(loss(remat_apply))):
+    np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-5, atol=1e-7)
+  jaxpr = str(jax.make_jaxpr(lambda p: jax.grad(lambda q: jnp.sum(remat_apply(q, tokens, sigma)))(p))(
+      params))
+  assert "remat" in jaxpr or "checkpoint" in jaxpr

@@ -17,6 +17,13 @@ from flax import nnx
 from medim_jax.models import conditioning, layers
 
 _DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
+# What a block keeps for the backward pass (the rest is recomputed): "none" keeps everything,
+# "full" only the block's input, "dots" the matmul results (recomputing norms and activations).
+REMAT_POLICIES = {
+    "full": jax.checkpoint_policies.nothing_saveable,
+    "dots": jax.checkpoint_policies.dots_saveable,
+    "dots_no_batch": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -38,6 +45,7 @@ class TransformerConfig:
   init_std: float = 0.02
   dtype: str = "float32"
   attention_impl: str = "xla"
+  remat_policy: str = "none"
   # Lengths of the sequence's segments (report, image). When set, a learned marker token is put
   # before each segment: with rotary (relative) positions only, a fixed anchor is what lets a
   # bidirectional model know where in the image a position is (the original's <boi>/<eoi> do this).
@@ -53,6 +61,9 @@ class TransformerConfig:
                        f"({self.num_kv_heads})")
     if self.dtype not in _DTYPES:
       raise ValueError(f"model dtype must be one of {sorted(_DTYPES)}, got {self.dtype!r}")
+    if self.remat_policy != "none" and self.remat_policy not in REMAT_POLICIES:
+      raise ValueError(f"remat_policy must be 'none' or one of {sorted(REMAT_POLICIES)}, got "
+                       f"{self.remat_policy!r}")
     if self.attention_impl not in ("xla", "jax_dot_product"):
       raise ValueError(f"attention_impl must be 'xla' or 'jax_dot_product', got {self.attention_impl!r}")
 
@@ -202,8 +213,11 @@ class MeDiMTransformer(nnx.Module):
         raise ValueError(f"sequence of {x.shape[1]} positions; the position embedding has "
                          f"{self.cfg.learned_positions}")
       x = x + (self.positions[...] * math.sqrt(self.cfg.d_model)).astype(dtype)[None]
+    run_block = Block.__call__
+    if self.cfg.remat_policy != "none":
+      run_block = nnx.remat(run_block, policy=REMAT_POLICIES[self.cfg.remat_policy])
     for block in self.blocks:
-      x = block(x, cond, positions, key_mask)
+      x = run_block(block, x, cond, positions, key_mask)
     if self.markers is not None:
       x = self._remove_markers(x)
     x = self.final_norm(x)

@@ -102,6 +102,7 @@ def get_config(arg=None):
   config.model.dtype = "float32"        # compute dtype; params and optimizer state stay float32
   config.model.attention_impl = "xla"   # "xla" (einsum, f32 softmax) | "jax_dot_product" (cuDNN on GPU)
   config.model.remat_policy = "none"   # none | full | dots | dots_no_batch: recompute in backward
+  config.model.scan_layers = False     # one compiled block scanned over stacked layer weights
   config.model.segment_markers = True   # a learned anchor token before the report and the image
   config.model.learned_position_embedding = False  # absolute positions on top of RoPE (from scratch)
   # A local Hugging Face Gemma / Liquid checkpoint directory to start from ("" = from scratch): its
@@ -131,7 +132,7 @@ def get_config(arg=None):
   # axes do not divide is replicated (e.g. one KV head over tensor=2).
   config.mesh.rules = ml_collections.ConfigDict(dict(
       vocab="", embed="fsdp", mlp="tensor", heads="tensor", kv_heads="tensor", head_dim="",
-      norm="", adaln_chunk="", embed_out="", time_freq="", segment="", length=""))
+      norm="", adaln_chunk="", embed_out="", time_freq="", segment="", length="", layers=""))
 
   # Optimisation.
   config.train = ml_collections.ConfigDict()

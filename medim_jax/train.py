@@ -109,6 +109,9 @@ class Trainer:
     if not pretrained:
       return jax.jit(lambda: self._new_state(seed), out_shardings=self.state_shardings)()
     from medim_jax.convert import hf_gemma
+    if self.model.config.scan_layers:
+      raise errors.InputError("config.model.pretrained_dir cannot be combined with "
+                              "config.model.scan_layers yet: the converter writes one block per layer")
     offset = self.config.model.pretrained_image_token_offset
     params = hf_gemma.load(pretrained, self.model.config, self.layout, seed=seed,
                            shardings=self.state_shardings.params,

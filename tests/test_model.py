@@ -197,3 +197,18 @@ def test_remat_recomputes_without_changing_the_gradients(policy):
   jaxpr = str(jax.make_jaxpr(lambda p: jax.grad(lambda q: jnp.sum(remat_apply(q, tokens, sigma)))(p))(
       params))
   assert "remat" in jaxpr or "checkpoint" in jaxpr
+
+
+def test_scan_over_layers_computes_what_the_layer_loop_does():
+  looped, params = helpers.tiny_model()
+  cfg = helpers.tiny_config(scan_layers=True, remat_policy="full")
+  scanned_model = nnx.eval_shape(lambda: transformer.MeDiMTransformer(cfg, rngs=nnx.Rngs(0)))
+  graphdef, abstract = nnx.split(scanned_model)
+  blocks = [params["blocks"][i] for i in range(cfg.num_layers)]
+  stacked = dict(params, blocks=jax.tree.map(lambda *layers: jnp.stack(layers), *blocks))
+  assert jax.tree.map(jnp.shape, stacked) == jax.tree.map(jnp.shape, nnx.to_pure_dict(abstract))
+  rng = np.random.default_rng(1)
+  tokens, sigma = helpers.random_tokens(rng, 2), jnp.asarray([0.3, 4.0])
+  want = looped(params, tokens, sigma)
+  got = nnx.merge(graphdef, stacked)(tokens, sigma)
+  np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-5, atol=1e-5)

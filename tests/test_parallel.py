@@ -108,3 +108,14 @@ def test_a_dimension_the_mesh_does_not_divide_is_replicated(dataset, capsys):
   assert q.spec == jax.sharding.PartitionSpec("fsdp", None, None)  # fsdp has size 1 here
   assert mlp.spec == jax.sharding.PartitionSpec("fsdp", "tensor")
   assert sharding.batch_sharding(trainer.mesh).spec == jax.sharding.PartitionSpec(("data", "fsdp"))
+
+
+def test_layers_scanned_over_stacked_weights_shard_like_the_loop(dataset):
+  config = config_on((2, 2, 2))
+  config.model.scan_layers, config.model.num_layers = True, 2
+  trainer = train.Trainer(config, dataset.layout)
+  q = trainer.state_shardings.params["blocks"]["attn"]["q"]  # (layers, embed, heads, head_dim)
+  assert q.spec == jax.sharding.PartitionSpec(None, "fsdp", "tensor", None)
+  state, metrics = trainer.train_step(trainer.init_state(0), next(dataset.train_iterator(8, seed=0)))
+  assert state.params["blocks"]["attn"]["q"].shape == (2, 32, 4, 8)
+  assert np.isfinite(float(metrics["loss"])) and float(metrics["nonfinite"]) == 0

@@ -46,6 +46,9 @@ class TransformerConfig:
   dtype: str = "float32"
   attention_impl: str = "xla"
   remat_policy: str = "none"
+  # One block traced and compiled once, run num_layers times by lax.scan over stacked weights
+  # (params["blocks"] leaves get a leading layer axis); compiles in constant time in depth.
+  scan_layers: bool = False
   # Lengths of the sequence's segments (report, image). When set, a learned marker token is put
   # before each segment: with rotary (relative) positions only, a fixed anchor is what lets a
   # bidirectional model know where in the image a position is (the original's <boi>/<eoi> do this).
@@ -162,7 +165,14 @@ class MeDiMTransformer(nnx.Module):
     self.time_embedder = conditioning.TimestepEmbedder(
         cfg.d_model, cfg.time_frequency_dim, cfg.time_max_period, cfg.time_scale, cfg.init_std,
         rngs=rngs)
-    self.blocks = nnx.List([Block(cfg, rngs=rngs) for _ in range(cfg.num_layers)])
+    if cfg.scan_layers:
+      @nnx.split_rngs(splits=cfg.num_layers)
+      @nnx.vmap(in_axes=(0,), out_axes=0)
+      def stacked_blocks(rngs):
+        return Block(cfg, rngs=rngs)
+      self.blocks = stacked_blocks(rngs)
+    else:
+      self.blocks = nnx.List([Block(cfg, rngs=rngs) for _ in range(cfg.num_layers)])
     self.markers = (layers.normal_param(rngs, (len(cfg.segment_lengths), cfg.d_model), cfg.init_std,
                                         ("segment", "embed")) if cfg.segment_lengths else None)
     self.positions = (layers.normal_param(rngs, (cfg.learned_positions, cfg.d_model), cfg.init_std,
@@ -216,8 +226,12 @@ class MeDiMTransformer(nnx.Module):
     run_block = Block.__call__
     if self.cfg.remat_policy != "none":
       run_block = nnx.remat(run_block, policy=REMAT_POLICIES[self.cfg.remat_policy])
-    for block in self.blocks:
-      x = run_block(block, x, cond, positions, key_mask)
+    if self.cfg.scan_layers:
+      scanned = nnx.scan(run_block, in_axes=(0, nnx.Carry, None, None, None), out_axes=nnx.Carry)
+      x = scanned(self.blocks, x, cond, positions, key_mask)
+    else:
+      for block in self.blocks:
+        x = run_block(block, x, cond, positions, key_mask)
     if self.markers is not None:
       x = self._remove_markers(x)
     x = self.final_norm(x)

@@ -31,11 +31,15 @@ def rules_from_config(rules_config) -> dict[str, tuple[str, ...]]:
 
 
 def logical_axes(model) -> dict:
-  """The logical axis names of every parameter of an (abstract) NNX model, as a pure dict."""
-  state = nnx.state(model)
-  return nnx.to_pure_dict(jax.tree.map(
-      lambda v: tuple(v.get_metadata().get("logical_axes") or ()), state,
-      is_leaf=lambda x: isinstance(x, nnx.Variable)))
+  """The logical axis names of every parameter of an (abstract) NNX model, as a pure dict.
+
+  Blocks stacked for a scan over layers have one more dimension than their names: "layers".
+  """
+  def names(variable):
+    axes = tuple(variable.get_metadata().get("logical_axes") or ())
+    return ("layers",) * (len(variable.shape) - len(axes)) + axes
+  return nnx.to_pure_dict(jax.tree.map(names, nnx.state(model),
+                                       is_leaf=lambda x: isinstance(x, nnx.Variable)))
 
 
 def spec_for(shape, names, rules, mesh, where: str, replicated_notes: list) -> PartitionSpec:

@@ -107,7 +107,8 @@ class Trainer:
     from config.model.pretrained_dir (a Hugging Face Gemma / Liquid checkpoint) when set."""
     pretrained = self.config.model.pretrained_dir
     if not pretrained:
-      return jax.jit(lambda: self._new_state(seed), out_shardings=self.state_shardings)()
+      with jax.set_mesh(self.mesh):
+        return jax.jit(lambda: self._new_state(seed), out_shardings=self.state_shardings)()
     from medim_jax.convert import hf_gemma
     if self.model.config.scan_layers:
       raise errors.InputError("config.model.pretrained_dir cannot be combined with "
@@ -117,7 +118,9 @@ class Trainer:
                            shardings=self.state_shardings.params,
                            image_token_offset=offset if offset >= 0 else None)
     print(f"Initialised from {pretrained} (first {self.model.config.num_layers} layers)")
-    return jax.jit(lambda p: self._state_around(p, seed), out_shardings=self.state_shardings)(params)
+    with jax.set_mesh(self.mesh):
+      return jax.jit(lambda p: self._state_around(p, seed),
+                     out_shardings=self.state_shardings)(params)
 
   def abstract_state(self) -> TrainState:
     """Shapes, dtypes and target shardings: what a checkpoint restores into, on any mesh."""
@@ -127,10 +130,12 @@ class Trainer:
 
   def train_step(self, state: TrainState, batch) -> tuple[TrainState, dict]:
     """One optimizer step on a (host-local) batch; the state passed in is donated."""
-    return self._jit_train_step(state, sharding.place_batch(batch, self.mesh))
+    with jax.set_mesh(self.mesh):  # layers that run per shard (splash attention) read the mesh
+      return self._jit_train_step(state, sharding.place_batch(batch, self.mesh))
 
   def eval_step(self, params, batch, index):
-    return self._jit_eval_step(params, sharding.place_batch(batch, self.mesh), index)
+    with jax.set_mesh(self.mesh):
+      return self._jit_eval_step(params, sharding.place_batch(batch, self.mesh), index)
 
   def _loss(self, params, batch, key):
     time_key, mask_key = jax.random.split(key)

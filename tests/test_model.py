@@ -212,3 +212,4 @@ def test_scan_over_layers_computes_what_the_layer_loop_does():
   want = looped(params, tokens, sigma)
   got = nnx.merge(graphdef, stacked)(tokens, sigma)
   np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-5, atol=1e-5)
+

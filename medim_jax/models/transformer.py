@@ -16,6 +16,9 @@ from flax import nnx
 
 from medim_jax.models import conditioning, layers
 
+# xla: einsums with f32 softmax (any backend); jax_dot_product: jax.nn.dot_product_attention, which
+# picks cuDNN flash attention on GPU where it can; splash: the Pallas TPU kernel (models/splash.py).
+ATTENTION_IMPLS = ("xla", "jax_dot_product", "splash")
 _DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 # What a block keeps for the backward pass (the rest is recomputed): "none" keeps everything,
 # "full" only the block's input, "dots" the matmul results (recomputing norms and activations).
@@ -67,8 +70,8 @@ class TransformerConfig:
     if self.remat_policy != "none" and self.remat_policy not in REMAT_POLICIES:
       raise ValueError(f"remat_policy must be 'none' or one of {sorted(REMAT_POLICIES)}, got "
                        f"{self.remat_policy!r}")
-    if self.attention_impl not in ("xla", "jax_dot_product"):
-      raise ValueError(f"attention_impl must be 'xla' or 'jax_dot_product', got {self.attention_impl!r}")
+    if self.attention_impl not in ATTENTION_IMPLS:
+      raise ValueError(f"attention_impl must be one of {ATTENTION_IMPLS}, got {self.attention_impl!r}")
 
   @classmethod
   def from_config(cls, model_config, vocab_size: int,
@@ -107,6 +110,9 @@ class Attention(nnx.Module):
     if cfg.attention_impl == "jax_dot_product":
       mask = None if key_mask is None else key_mask[:, None, None, :]
       out = jax.nn.dot_product_attention(q, k, v, mask=mask)
+    elif cfg.attention_impl == "splash":
+      from medim_jax.models import splash
+      out = splash.splash_attention(q, k, v, key_mask)
     else:
       out = self._xla_attention(q, k, v, key_mask)
     return jnp.einsum("blhk,hkd->bld", out, self.o[...].astype(dtype))

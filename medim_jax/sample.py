@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 
+import jax
 import numpy as np
 
 from medim_jax import checkpointing, progress, train, visualize
@@ -65,8 +66,9 @@ def generate_task(config, trainer: train.Trainer, params, layout, split: data_ba
   bar = progress.bar(-(-len(split) // batch_size), f"sample {task}", "batch")
   for start in range(0, len(split), batch_size):
     rows = slice(start, start + batch_size)
-    out = sampler(params, inputs[rows], split.example_id[rows], seed=config.sample.seed,
-                  segment_steps=sampler.steps_for_task(task))
+    with jax.set_mesh(trainer.mesh):  # params live on the trainer's mesh
+      out = sampler(params, inputs[rows], split.example_id[rows], seed=config.sample.seed,
+                    segment_steps=sampler.steps_for_task(task))
     outputs.append(np.asarray(out.tokens))
     bar.update(1)
   bar.close()

@@ -26,7 +26,9 @@ def main(argv):
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   logging.set_verbosity(logging.WARNING)  # orbax logs every file operation at INFO
   from medim_jax import errors, jobs  # after flag parsing, so --help stays fast
+  from medim_jax.parallel import distributed
   try:
+    distributed.initialize_from_environment()  # before anything touches a device; no-op for one process
     jobs.run(_CONFIG.value, _WORKDIR.value, _MODE.value)
   except (FileNotFoundError, errors.InputError, errors.NonFiniteError) as e:
     sys.exit(f"error: {e}")  # the message names the input and the fix; a traceback adds nothing

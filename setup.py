@@ -33,6 +33,8 @@ setup(
         # Evaluation: report metrics of the paper's scripts (nltk, rouge) and of the COCO toolkit
         # (pycocoevalcap; its METEOR and tokenizer need java), and the plots of report.html.
         "eval": ["nltk==3.9.1", "pycocoevalcap==1.2", "rouge==1.0.1", "matplotlib>=3.8"],
+        # The PyTorch baseline of `python -m medim_jax.bench` (the CPU wheel is on these machines).
+        "bench": ["torch==2.13.0"],
         "gpu": ["jax[cuda12]>=0.10.2,<0.13"],
         "tpu": ["jax[tpu]>=0.10.2,<0.13"],
     },

@@ -194,6 +194,8 @@ def count_params(model: nn.Module) -> int:
 def load_jax_params(model: MeDiMTorch, params) -> None:
   """Copy a pure dict of our params (``Model.init``) into the torch module, in place."""
   cfg = model.cfg
+  if cfg.scan_layers:
+    raise ValueError("load_jax_params reads one params entry per block, not scan_layers' stack")
   as_torch = lambda a: torch.from_numpy(np.array(a, np.float32))
 
   def weight(kernel, in_features):
@@ -260,7 +262,7 @@ class TorchTrainer:
     weighted = nll * (1.0 / t)[:, None] * masked
     return weighted.sum() / valid.sum().clamp(min=1)
 
-  def train_step(self, tokens, valid) -> float:
+  def train_step(self, tokens, valid) -> torch.Tensor:
     loss = self.loss(tokens, valid)
     self.optimizer.zero_grad(set_to_none=True)
     loss.backward()

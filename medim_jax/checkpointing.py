@@ -1,20 +1,23 @@
 """Orbax checkpoints of the whole train state and the data iterator's position.
 
 Orbax writes each checkpoint into a temporary directory and renames it when complete, so a crash
-while saving leaves the previous checkpoint usable (the half-written one is removed on the next
-start). Restoring goes against an abstract state, so
-the restored arrays get the shapes, dtypes (and later shardings) the current run expects.
+while saving leaves the previous checkpoint usable (training removes the half-written one when it
+starts again). Restoring goes against an abstract state, so the restored arrays get the shapes,
+dtypes and shardings the current run expects.
 """
 
 from __future__ import annotations
 
 import os
+import shutil
 
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
 from medim_jax import errors
+
+TMP_MARKER = ".orbax-checkpoint-tmp"  # in the name of a checkpoint folder still being written
 
 
 def _path_name(path) -> str:
@@ -28,17 +31,34 @@ def _path_name(path) -> str:
   return "/".join(parts)
 
 
+def _remove_half_written(directory: str) -> None:
+  """Delete the temporary folders of saves a crash interrupted (orbax's own cleanup runs in a
+  background thread that a quick exit can cut short)."""
+  if jax.process_index() != 0 or not os.path.isdir(directory):
+    return
+  for name in os.listdir(directory):
+    if TMP_MARKER in name:
+      shutil.rmtree(os.path.join(directory, name), ignore_errors=True)
+
+
 class Checkpointer:
 
-  def __init__(self, directory: str, max_to_keep: int, keep_period: int = 0):
-    """Keeps the newest ``max_to_keep`` checkpoints, and every multiple of ``keep_period`` (> 0)."""
+  def __init__(self, directory: str, max_to_keep: int, keep_period: int = 0,
+               remove_half_written: bool = False):
+    """Keeps the newest ``max_to_keep`` checkpoints, and every multiple of ``keep_period`` (> 0).
+
+    remove_half_written: for the run that owns the directory (training), never for a reader that
+    may run beside it (sampling, evaluation), which would delete a save in progress.
+    """
     self.directory = os.path.abspath(directory)
+    if remove_half_written:
+      _remove_half_written(self.directory)
     self.manager = ocp.CheckpointManager(
         self.directory,
         item_handlers={"state": ocp.StandardCheckpointHandler(),
                        "data_iter": ocp.JsonCheckpointHandler()},
         options=ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, keep_period=keep_period or None,
-                                             create=True, cleanup_tmp_directories=True))
+                                             create=True))
 
   def latest_step(self) -> int | None:
     return self.manager.latest_step()

@@ -11,6 +11,7 @@ import numpy as np
 from medim_jax import checkpointing, progress, train, visualize
 from medim_jax.data import base as data_base
 from medim_jax.diffusion import sampler as sampler_lib
+from medim_jax.parallel import sharding
 
 
 def load_sampling_params(config, workdir: str, trainer: train.Trainer, step: int | None = None):
@@ -60,7 +61,8 @@ def generate_task(config, trainer: train.Trainer, params, layout, split: data_ba
                   task: str) -> np.ndarray:
   """Generated token rows for every row of ``split`` (the prompts come from its tokens)."""
   sampler = sampler_lib.Sampler(trainer.model.apply, layout, trainer.schedule,
-                                sampler_lib.SamplerConfig.from_config(config.sample))
+                                sampler_lib.SamplerConfig.from_config(config.sample),
+                                batch_sharding=sharding.batch_sharding(trainer.mesh))
   inputs = sampler_lib.task_inputs(task, split.tokens, split.prompt_length, layout)
   batch_size, outputs = config.sample.batch_size, []
   bar = progress.bar(-(-len(split) // batch_size), f"sample {task}", "batch")

@@ -258,7 +258,8 @@ def train_and_evaluate(config, workdir: str, dataset: data_base.PairedDataset | 
   eval_batches = dataset.eval_batches(train_cfg.batch_size, train_cfg.num_eval_batches)
   checkpointer = checkpointing.Checkpointer(os.path.join(workdir, "checkpoints"),
                                             train_cfg.max_checkpoints_to_keep,
-                                            train_cfg.keep_checkpoint_period)
+                                            train_cfg.keep_checkpoint_period,
+                                            remove_half_written=True)
   sync = _should_sync_every_step(train_cfg.sync_every_step)
 
   if checkpointer.latest_step() is not None:

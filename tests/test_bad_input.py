@@ -149,6 +149,15 @@ def test_a_checkpoint_from_another_model_or_run_is_refused(run, change, message)
     jobs.run(config, str(workdir), "train")
 
 
+def test_a_mesh_the_devices_cannot_make_is_refused(run):
+  root, workdir, _ = run
+  config = config_for(root)
+  config.mesh.num_devices, config.mesh.data = 0, 3  # the tests have 8 devices
+  with pytest.raises(errors.InputError, match=r"data=3 x fsdp=1 x tensor=1 needs 3 devices, but the "
+                                              r"run has 8 \(set one axis to -1"):
+    jobs.run(config, str(workdir), "train")
+
+
 def test_the_command_line_prints_input_errors_as_one_line(run):
   root, workdir, _ = run
   # The fixture's folders config as a config file the command line can load.
@@ -164,3 +173,11 @@ def test_the_command_line_prints_input_errors_as_one_line(run):
   assert result.returncode == 1, result.stderr[-2000:]
   assert result.stderr.strip().splitlines()[-1].startswith("error: checkpoint ")
   assert "Traceback" not in result.stderr
+  misspelt = subprocess.run(
+      [sys.executable, "-m", "medim_jax.main", "--config", str(config_file), "--workdir",
+       str(workdir), "--mode", "train", "--config.train.num_step=3"],
+      cwd=REPO, capture_output=True, text=True, timeout=300, env=dict(os.environ, PYTHONPATH=REPO))
+  assert misspelt.returncode == 1
+  line, = misspelt.stderr.strip().splitlines()
+  assert line.startswith(f"error: unknown config key 'train.num_step' in {config_file}; did you "
+                         "mean train.num_steps")

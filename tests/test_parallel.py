@@ -132,3 +132,20 @@ def test_splash_attention_runs_per_shard_and_matches_the_single_device_step(data
   np.testing.assert_allclose(losses, reference_losses, rtol=1e-4)
   for got, want in zip(jax.tree.leaves(state.params), jax.tree.leaves(reference.params)):
     np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=2e-3, atol=2e-5)
+
+
+def test_sampling_split_over_the_mesh_equals_one_device(dataset, single_device_run):
+  from medim_jax.diffusion import sampler as sampler_lib
+  trainer, state, _ = single_device_run
+  split = dataset.eval.subset(np.arange(5))  # 5 rows: padded to 8 on the mesh
+  inputs = sampler_lib.task_inputs("joint", split.tokens, split.prompt_length, dataset.layout)
+  config = sampler_lib.SamplerConfig(text_steps=4, image_steps=4, cfg_scale=2.0)
+  one_device = sampler_lib.Sampler(trainer.model.apply, dataset.layout, trainer.schedule, config)
+  want = one_device(state.params, inputs, split.example_id).tokens
+  mesh_trainer = train.Trainer(config_on((4, 2, 1)), dataset.layout)
+  params = jax.device_put(state.params, mesh_trainer.state_shardings.params)
+  on_mesh = sampler_lib.Sampler(mesh_trainer.model.apply, dataset.layout, trainer.schedule, config,
+                                batch_sharding=sharding.batch_sharding(mesh_trainer.mesh))
+  got = on_mesh(params, inputs, split.example_id).tokens
+  assert got.shape == want.shape and len(got.sharding.device_set) == 8
+  np.testing.assert_array_equal(np.asarray(got), np.asarray(want))

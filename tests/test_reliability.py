@@ -232,7 +232,10 @@ def test_a_checkpoint_half_written_by_a_crash_is_ignored_and_cleaned_up(tmp_path
   half_written = tmp_path / "2.orbax-checkpoint-tmp-1234567"  # how orbax names one being written
   (half_written / "state").mkdir(parents=True)
   (half_written / "state" / "partial").write_bytes(b"\0" * 10)
-  checkpointer = checkpointing.Checkpointer(str(tmp_path), max_to_keep=3)
+  reader = checkpointing.Checkpointer(str(tmp_path), max_to_keep=3)  # e.g. sampling beside training
+  assert reader.latest_step() == 1 and half_written.exists()  # a reader never deletes a save
+  reader.close()
+  checkpointer = checkpointing.Checkpointer(str(tmp_path), max_to_keep=3, remove_half_written=True)
   assert checkpointer.latest_step() == 1
   restored = checkpointer.restore({"w": np.zeros((3,), np.float32)})
   np.testing.assert_array_equal(restored["w"], [1, 1, 1])

@@ -107,11 +107,14 @@ class Sampler:
   """
 
   def __init__(self, apply_fn: Callable, layout: TokenLayout, schedule: MaskingSchedule,
-               config: SamplerConfig):
+               config: SamplerConfig, batch_sharding: jax.sharding.NamedSharding | None = None):
+    """``batch_sharding`` splits each call's rows over a mesh (padded to a multiple of its shards
+    with copies of the last row, which cannot change the other rows' samples)."""
     self.apply_fn = apply_fn
     self.layout = layout
     self.schedule = schedule
     self.config = config
+    self.batch_sharding = batch_sharding
     self._jitted = jax.jit(self._sample, static_argnames=("segment_steps",))
 
   def steps_for_task(self, task: str) -> tuple[int, int]:
@@ -139,10 +142,22 @@ class Sampler:
         raise ValueError(f"the {name} segment has MASK tokens but 0 sampling steps")
     if max(segment_steps) < 1:
       raise ValueError(f"segment_steps {segment_steps} give the sampler nothing to do")
-    out = self._jitted(params, jnp.asarray(tokens), jnp.asarray(example_ids), jnp.asarray(seed),
-                       segment_steps=segment_steps)
+    rows = tokens.shape[0]
+    out = self._jitted(params, self._on_devices(tokens), self._on_devices(example_ids),
+                       jnp.asarray(seed), segment_steps=segment_steps)
+    out = jax.tree.map(lambda x: x[:rows], out)
     check_finite(out, example_ids)
     return out
+
+  def _on_devices(self, rows: np.ndarray) -> jax.Array:
+    if self.batch_sharding is None:
+      return jnp.asarray(rows)
+    axes = self.batch_sharding.spec[0]
+    axes = (axes,) if isinstance(axes, str) else tuple(axes or ())
+    shards = int(np.prod([self.batch_sharding.mesh.shape[a] for a in axes]))
+    padding = -len(rows) % shards
+    rows = np.concatenate([rows, np.repeat(rows[-1:], padding, axis=0)]) if padding else rows
+    return jax.device_put(rows, self.batch_sharding)
 
   def _check_given_tokens(self, tokens):
     lo, hi = self.layout.allowed_id_range()

@@ -57,9 +57,9 @@ def spec_for(shape, names, rules, mesh, where: str, replicated_notes: list) -> P
 def param_shardings(abstract_params, names, rules, mesh) -> dict:
   """NamedShardings for a pure params dict, from each parameter's logical axis names."""
   notes = []
-  specs = jax.tree.map(
-      lambda leaf, n: spec_for(leaf.shape, n, rules, mesh, "", notes), abstract_params, names,
-      is_leaf=lambda x: isinstance(x, tuple))
+  specs = jax.tree_util.tree_map_with_path(
+      lambda path, leaf, n: spec_for(leaf.shape, n, rules, mesh, jax.tree_util.keystr(path), notes),
+      abstract_params, names, is_leaf=lambda x: isinstance(x, tuple))
   if notes:
     print(f"sharding: {len(notes)} parameter dimensions are replicated because their mesh axes do "
           f"not divide them, e.g. {notes[0]}")

@@ -302,8 +302,8 @@ class PythonLoopSampler:
   """The original's way of sampling: a Python loop over the steps that calls the jitted model once
   per step (conditional and unconditional rows in one batch, as ours) and does the rest of the
   step's math op by op. Same math as ``Sampler._sample`` with the confidence strategy; it reuses
-  the sampler's own guidance, time input, keys and reveal fractions, so for the same inputs both
-  generate the same tokens.
+  the sampler's own guidance, time input, keys, reveal fractions and reveal rule, so for the same
+  inputs both generate the same tokens.
 
   ``jit_step=True`` jits the whole step instead (model and math), called once per step: what is
   left of the difference is the loop itself (one dispatch and its host round trip per step).
@@ -358,13 +358,9 @@ class PythonLoopSampler:
       if segment_steps[seg] == 0:
         continue
       done_after = ((step + 1) * segment_steps[seg]) // num_steps
-      candidates = masked & seg_mask[None]
-      target = jnp.maximum(jnp.round(initial_masked[seg] * fractions[seg][done_after]),
-                           jnp.minimum(done_after, initial_masked[seg])).astype(jnp.int32)
-      count = target - (initial_masked[seg] - candidates.sum(1))
-      ranked = jnp.where(candidates, confidence, -jnp.inf)
-      rank = jnp.argsort(jnp.argsort(-ranked, axis=1, stable=True), axis=1)
-      reveal |= candidates & (rank < count[:, None])
+      reveal |= sampler_lib.confidence_reveal(masked & seg_mask[None], confidence,
+                                              initial_masked[seg], fractions[seg][done_after],
+                                              done_after)
     return jnp.where(reveal, sampled, x)
 
 

@@ -95,6 +95,18 @@ def cumulative_reveal_fraction(schedule: str, steps: int) -> np.ndarray:
   return frac.astype(np.float32)
 
 
+def confidence_reveal(candidates, confidence, initial_masked, fraction_after, steps_after):
+  """The confidence sampler's choice for one segment: reveal its most confident masked positions
+  until ``fraction_after`` of the ``initial_masked`` (B,) are revealed (at least ``steps_after``
+  tokens, so every step of the segment's schedule reveals one). candidates: (B, L) still masked."""
+  target = jnp.maximum(jnp.round(initial_masked * fraction_after),
+                       jnp.minimum(steps_after, initial_masked)).astype(jnp.int32)
+  count = target - (initial_masked - candidates.sum(1))
+  ranked = jnp.where(candidates, confidence, -jnp.inf)
+  rank = jnp.argsort(jnp.argsort(-ranked, axis=1, stable=True), axis=1)
+  return candidates & (rank < count[:, None])
+
+
 def example_keys(seed: jax.Array, example_ids: jax.Array, step) -> jax.Array:
   base = jax.random.PRNGKey(seed)
   return jax.vmap(lambda i: jax.random.fold_in(jax.random.fold_in(base, i), step))(example_ids)
@@ -233,12 +245,8 @@ class Sampler:
         done_before, done_after = segment_progress(step, seg)
         candidates = masked & seg_mask[None]
         if cfg.strategy == "confidence":
-          target = jnp.maximum(jnp.round(initial_masked[seg] * fractions[seg][done_after]),
-                               jnp.minimum(done_after, initial_masked[seg])).astype(jnp.int32)
-          count = target - (initial_masked[seg] - candidates.sum(1))
-          ranked = jnp.where(candidates, confidence, -jnp.inf)
-          rank = jnp.argsort(jnp.argsort(-ranked, axis=1, stable=True), axis=1)
-          reveal |= candidates & (rank < count[:, None])
+          reveal |= confidence_reveal(candidates, confidence, initial_masked[seg],
+                                      fractions[seg][done_after], done_after)
         else:
           s_now = 1.0 - done_before / segment_steps[seg]
           s_next = 1.0 - done_after / segment_steps[seg]

@@ -428,9 +428,7 @@ def run() -> None:
   from absl import app
   from medim_jax import config_checks
   _define_flags()
-  problems = config_checks.unknown_overrides(sys.argv[1:])
-  if problems:
-    sys.exit("error: " + "\n       ".join(problems))
+  config_checks.exit_on_unknown_overrides(sys.argv[1:])
   app.run(main)
 
 

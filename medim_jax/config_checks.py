@@ -5,6 +5,7 @@ from __future__ import annotations
 import difflib
 import importlib.util
 import os
+import sys
 
 
 def load_config(spec: str):
@@ -26,6 +27,13 @@ def flatten_keys(config, prefix="") -> list[str]:
     if hasattr(value, "items"):
       keys.extend(flatten_keys(value, name + "."))
   return keys
+
+
+def exit_on_unknown_overrides(argv: list[str]) -> None:
+  """Exit with one ``error:`` line per misspelt ``--config.KEY``, before any flag parsing."""
+  problems = unknown_overrides(argv)
+  if problems:
+    sys.exit("error: " + "\n       ".join(problems))
 
 
 def unknown_overrides(argv: list[str]) -> list[str]:

@@ -40,9 +40,7 @@ def main(argv):
 
 def run():
   from medim_jax import config_checks
-  problems = config_checks.unknown_overrides(sys.argv[1:])
-  if problems:
-    sys.exit("error: " + "\n       ".join(problems))
+  config_checks.exit_on_unknown_overrides(sys.argv[1:])
   app.run(main)
 
 

@@ -234,7 +234,8 @@ def _should_sync_every_step(setting: str) -> bool:
     return jax.default_backend() == "cpu" and jax.device_count() > 1
   if setting in ("always", "never"):
     return setting == "always"
-  raise errors.InputError(f"config.train.sync_every_step must be 'auto', 'always' or 'never', got {setting!r}")
+  raise errors.InputError(f"config.train.sync_every_step must be 'auto', 'always' or 'never', got "
+                          f"{setting!r}")
 
 
 def _format(metrics: dict[str, float]) -> str:

@@ -13,21 +13,13 @@ import jax
 import numpy as np
 import pytest
 
-from configs import smoke
 from medim_jax import checkpointing, errors, loss_watch, train
 from medim_jax.data import base as data_base
-from tests.test_train import assert_trees_equal
+from tests.test_train import assert_trees_equal, tiny_config
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CLI_TRAIN = [sys.executable, "-m", "medim_jax.main", "--config", "configs/smoke.py:tiny",
              "--mode", "train", "--config.train.log_every=1", "--config.train.eval_every=1000"]
-
-
-def tiny_config(**train_overrides):
-  config = smoke.get_config("tiny")
-  for key, value in train_overrides.items():
-    config.train[key] = value
-  return config
 
 
 def overrides(**train_overrides):

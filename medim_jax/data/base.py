@@ -68,8 +68,8 @@ class RandomBatchIterator:
 
   def set_state(self, state: dict[str, Any]) -> None:
     if state["seed"] != self.seed or state["batch_size"] != self.batch_size:
-      raise errors.InputError(f"data iterator state {state} was saved with a different seed or batch size "
-                       f"(now seed={self.seed}, batch_size={self.batch_size})")
+      raise errors.InputError(f"data iterator state {state} was saved with a different seed or "
+                              f"batch size (now seed={self.seed}, batch_size={self.batch_size})")
     self.step = int(state["step"])
 
 
@@ -114,9 +114,10 @@ def build_dataset(config, workdir: str | None = None):
     now = tokenize.settings(config)
     changed = sorted(k for k in set(made_with) | set(now) if made_with.get(k) != now.get(k))
     if changed:
-      raise errors.InputError(f"the shards in {directories[0]} were made with other data settings "
-                       f"({', '.join('data.' + k for k in changed)}): use the settings they were made "
-                       "with, or tokenize into a new data.shards_dir (or delete the old shards)")
+      raise errors.InputError(
+          f"the shards in {directories[0]} were made with other data settings "
+          f"({', '.join('data.' + k for k in changed)}): use the settings they were made "
+          "with, or tokenize into a new data.shards_dir (or delete the old shards)")
     return dataset
-  raise errors.InputError(f"unknown config.data.name {config.data.name!r}: expected smoke, medim_demo "
-                   "or folders")
+  raise errors.InputError(f"unknown config.data.name {config.data.name!r}: expected smoke, "
+                          "medim_demo or folders")

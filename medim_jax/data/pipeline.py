@@ -92,8 +92,9 @@ class BatchIterator:
   def set_state(self, state: dict) -> None:
     saved = {k: state.get(k) for k in self.description}
     if saved != self.description:
-      raise errors.InputError(f"the checkpoint's data iterator was saved for {saved}, this run reads "
-                       f"{self.description}: resume with the same data, batch size and seed")
+      raise errors.InputError(f"the checkpoint's data iterator was saved for {saved}, this run "
+                              f"reads {self.description}: resume with the same data, batch size "
+                              "and seed")
     self._iterator.set_state(state["grain"])
 
 

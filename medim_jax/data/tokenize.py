@@ -50,9 +50,10 @@ def source_folders(config, progress: bool = True) -> dict[str, dict]:
       sources[name] = {"prompt": options.get("prompt", ""), "weight": options.get("weight", 1.0),
                        **{s: options.get(s, "") for s in SPLITS}}
     if not sources:
-      raise errors.InputError("no dataset in config.data.datasets has a train folder: set one, e.g. "
-                       "--config.data.datasets.chest.train=/data/mimic-cxr/data with configs/demo.py "
-                       "(whose datasets are chest and pathology)")
+      raise errors.InputError(
+          "no dataset in config.data.datasets has a train folder: set one, e.g. "
+          "--config.data.datasets.chest.train=/data/mimic-cxr/data with configs/demo.py "
+          "(whose datasets are chest and pathology)")
   else:
     raise ValueError(f"paired image + report folders come from data.name medim_demo or folders; "
                      f"config.data.name is {data.name!r}")
@@ -189,9 +190,10 @@ def tokenize(config, workdir: str, progress: bool = True) -> dict:
             ids = prompt_ids + text_tok.tokenize(text)
             truncated += len(ids) + 1 > layout.text_length
             if len(ids) + 1 > layout.text_length and not config.data.truncate_reports:
-              raise errors.InputError(f"{name}/{split}/{pair_name}.txt needs {len(ids) + 1} tokens; the "
-                               f"text segment holds {layout.text_length} (raise data.text_length "
-                               "or allow data.truncate_reports)")
+              raise errors.InputError(
+                  f"{name}/{split}/{pair_name}.txt needs {len(ids) + 1} tokens; the text segment "
+                  f"holds {layout.text_length} (raise data.text_length or allow "
+                  "data.truncate_reports)")
             text_ids = text_tokenizers.fixed_length(ids, layout.text_length, text_tok.eos_id,
                                                     text_tok.pad_id, truncate=True)
             text_mask = np.arange(layout.text_length) < min(len(ids) + 1, layout.text_length)

@@ -50,6 +50,9 @@ def get_config(arg=None):
   config.data.train_on_padding = True   # padding is generated (reports end by themselves)
   config.data.worker_count = 0          # grain worker processes (0: read in the main process)
   config.data.read_threads = 4
+  # Training examples with any finding in their dataset's labels.jsonl are drawn this many times as
+  # often as those without (1: as they come). Datasets without labels are unaffected.
+  config.data.finding_oversample = 1.0
 
   # Image tokenizer (--mode train_vq): a VQGAN in the Chameleon/LlamaGen layout (models/vq.py).
   # data.image_tokenizer="vq" then tokenizes with WORKDIR/vq/tokenizer.npz.

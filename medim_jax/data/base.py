@@ -109,7 +109,8 @@ def build_dataset(config, workdir: str | None = None):
     dataset = pipeline.ShardDataset(
         directories, weights={k: v.get("weight", 1.0) for k, v in config.data.datasets.items()},
         train_on_padding=config.data.train_on_padding, read_threads=config.data.read_threads,
-        worker_count=config.data.worker_count)
+        worker_count=config.data.worker_count,
+        finding_oversample=config.data.finding_oversample)
     made_with = dataset.manifests[directories[0]].get("settings", {})
     now = tokenize.settings(config)
     changed = sorted(k for k in set(made_with) | set(now) if made_with.get(k) != now.get(k))

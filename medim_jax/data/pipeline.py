@@ -30,6 +30,21 @@ class Source:
   dataset: str
   paths: tuple[str, ...]
   weight: float
+  rows: tuple[int, ...] | None = None  # a subset of the rows (finding oversampling); None: all
+  part: str = ""                       # which subset, for the iterator's description
+
+
+class RowSubset:
+  """Some rows of a record source, as a sequence grain can read (picklable for worker processes)."""
+
+  def __init__(self, source, rows):
+    self.source, self.rows = source, tuple(rows)
+
+  def __len__(self):
+    return len(self.rows)
+
+  def __getitem__(self, index):
+    return self.source[self.rows[index]]
 
 
 def to_batch(rows: dict, layout: TokenLayout, train_on_padding: bool) -> dict[str, np.ndarray]:
@@ -52,8 +67,10 @@ def train_dataset(sources, row_layout: shards.RowLayout, layout: TokenLayout, ba
     raise ValueError(f"global batch size {batch_size} is not divisible by {process_count} hosts")
   per_source = []
   for i, source in enumerate(sources):
-    ds = grain.MapDataset.source(grain.sources.ArrayRecordDataSource(list(source.paths)))
-    ds = ds[process_index::process_count]
+    records = grain.sources.ArrayRecordDataSource(list(source.paths))
+    if source.rows is not None:
+      records = RowSubset(records, source.rows)
+    ds = grain.MapDataset.source(records)[process_index::process_count]
     if len(ds) == 0:
       raise ValueError(f"dataset {source.dataset} in {source.directory} has no training rows for "
                        f"host {process_index} of {process_count}")
@@ -110,7 +127,7 @@ class ShardDataset:
   """Tokenized pairs read from one or more shard directories (same tokenizers required)."""
 
   def __init__(self, directories, weights: dict | None = None, train_on_padding: bool = True,
-               read_threads: int = 4, worker_count: int = 0):
+               read_threads: int = 4, worker_count: int = 0, finding_oversample: float = 1.0):
     self.directories = list(directories)
     self.manifests = {d: shards.read_manifest(d) for d in self.directories}
     shards.check_same_tokenizers(self.manifests)
@@ -123,6 +140,9 @@ class ShardDataset:
                               text_length=self.row_layout.text_length,
                               image_length=self.row_layout.image_length)
     self.weights = weights or {}
+    if finding_oversample <= 0:
+      raise errors.InputError(f"data.finding_oversample must be > 0, got {finding_oversample}")
+    self.finding_oversample = float(finding_oversample)
     self.train_on_padding, self.read_threads, self.worker_count = (
         train_on_padding, read_threads, worker_count)
     self._eval = None
@@ -135,10 +155,41 @@ class ShardDataset:
         if paths and manifest["counts"].get(name, {}).get(split, 0) > 0:
           weight = float(self.weights.get(name, info.get("weight", 1.0)))
           if weight > 0:
-            result.append(Source(directory, name, tuple(paths), weight))
+            source = Source(directory, name, tuple(paths), weight)
+            if split == "train" and self.finding_oversample != 1.0:
+              result.extend(self._oversample_findings(source, info))
+            else:
+              result.append(source)
     if not result:
       raise ValueError(f"no {split} rows in {self.directories}")
     return result
+
+  def _oversample_findings(self, source: Source, info: dict) -> list[Source]:
+    """The dataset as two sources, training examples with a finding in their labels and without,
+    weighted so that an example with a finding is drawn ``finding_oversample`` times as often as
+    one without (datasets without a ``labels.jsonl`` are left as they are). Rare findings are few
+    (medim-demo: 25% of chest reports have any), so a small model otherwise learns the normal report."""
+    from medim_jax.evaluation import ground_truth
+    labels = ground_truth.read_labels(info.get("folders", {}).get("train", ""))
+    if labels is None:
+      return [source]
+    index = ground_truth.read_index(source.directory)
+    records = grain.sources.ArrayRecordDataSource(list(source.paths))
+    positive = []
+    for row in range(len(records)):
+      name = index[int(self.row_layout.decode(records[row])["example_id"])]["name"]
+      positive.append(any(labels.get(name, {}).values()))
+    with_finding = tuple(i for i, p in enumerate(positive) if p)
+    without = tuple(i for i, p in enumerate(positive) if not p)
+    if not with_finding or not without:
+      return [source]
+    total = self.finding_oversample * len(with_finding) + len(without)
+    return [dataclasses.replace(source, rows=rows, part=part,
+                                weight=source.weight * share / total)
+            for rows, part, share in (
+                (with_finding, "with findings",
+                 self.finding_oversample * len(with_finding)),
+                (without, "without findings", len(without)))]
 
   def train_iterator(self, batch_size: int, seed: int) -> BatchIterator:
     import jax
@@ -146,7 +197,8 @@ class ShardDataset:
     dataset = train_dataset(sources, self.row_layout, self.layout, batch_size, seed,
                             jax.process_index(), jax.process_count(), self.train_on_padding,
                             self.read_threads, self.worker_count)
-    description = {"sources": [f"{s.directory}:{s.dataset}:{s.weight}" for s in sources],
+    description = {"sources": [f"{s.directory}:{s.dataset}{':' + s.part if s.part else ''}:{s.weight}"
+                               for s in sources],
                    "batch_size": batch_size, "seed": seed, "process_count": jax.process_count()}
     return BatchIterator(dataset, description)
 

@@ -9,6 +9,7 @@ import pytest
 from PIL import Image
 
 from configs import demo as demo_config
+from medim_jax import errors
 from medim_jax.data import pipeline, shards, tokenize
 
 WORDS = ("left", "right", "upper", "lower", "nodule", "effusion", "opacity", "clear")
@@ -195,3 +196,52 @@ def test_training_refuses_shards_made_with_other_data_settings(folder_root, shar
   config.data.datasets.chest.prompt = "another prompt."
   with pytest.raises(ValueError, match=r"other data settings \(data.datasets, data.patch_pixels\)"):
     base.build_dataset(config, "unused")
+
+
+def test_finding_oversample_draws_labelled_examples_k_times_as_often(tmp_path):
+  """Examples with a finding in labels.jsonl are drawn k times as often as those without; the
+  dataset's share of the mixture and datasets without labels are unchanged."""
+  make_folder(tmp_path / "a_train", 60, 0)
+  make_folder(tmp_path / "b_train", 40, 2)
+  positive = {f"case{i:03d}" for i in range(0, 60, 4)}
+  with open(tmp_path / "a_train" / "labels.jsonl", "w") as f:
+    for i in range(60):
+      f.write(json.dumps({"name": f"case{i:03d}", "labels": {"nodule": f"case{i:03d}" in positive,
+                                                              "effusion": False}}) + "\n")
+  config = folders_config(tmp_path, str(tmp_path / "shards"))
+  config.data.datasets.chest.test = config.data.datasets.pathology.val = ""
+  tokenize.tokenize(config, "unused", progress=False)
+  index = {r["example_id"]: r for r in map(json.loads, open(tmp_path / "shards" / "index.jsonl"))}
+  weights = {"chest": 2.0, "pathology": 1.0}
+
+  plain = pipeline.ShardDataset([str(tmp_path / "shards")], weights)
+  assert [(s.dataset, s.rows) for s in plain.sources("train")] == [("chest", None), ("pathology", None)]
+  oversampled = pipeline.ShardDataset([str(tmp_path / "shards")], weights, finding_oversample=3.0)
+  sources = oversampled.sources("train")
+  assert [(s.dataset, s.part) for s in sources] == [
+      ("chest", "with findings"), ("chest", "without findings"), ("pathology", "")]
+  assert sources[0].weight + sources[1].weight == pytest.approx(2.0)
+  assert sources[2].weight == 1.0 and sources[2].rows is None
+
+  counts = {"with": 0, "without": 0, "pathology": 0}
+  seen = set()
+  iterator = oversampled.train_iterator(batch_size=30, seed=0)
+  for _ in range(100):
+    for example in next(iterator)["example_id"]:
+      entry = index[int(example)]
+      if entry["dataset"] == "pathology":
+        counts["pathology"] += 1
+      else:
+        counts["with" if entry["name"] in positive else "without"] += 1
+        seen.add(entry["name"])
+  with_rows, without_rows = len(sources[0].rows), len(sources[1].rows)
+  assert with_rows + without_rows == shards.read_manifest(str(tmp_path / "shards"))["counts"]["chest"]["train"]
+  expected = 3 * with_rows / (3 * with_rows + without_rows)
+  chest = counts["with"] + counts["without"]
+  assert counts["with"] / chest == pytest.approx(expected, abs=0.05)
+  assert chest / 3000 == pytest.approx(2 / 3, abs=0.04)
+  assert seen & positive == {e["name"] for e in index.values()  # every one of them is drawn
+                             if e["dataset"] == "chest" and e["split"] == "train"} & positive
+
+  with pytest.raises(errors.InputError, match="finding_oversample"):
+    pipeline.ShardDataset([str(tmp_path / "shards")], weights, finding_oversample=0.0)

@@ -451,9 +451,24 @@ def print_peak(peak: dict) -> None:
   print_table("Matmul peak (median)", ["framework", "matmul", "ms", "TFLOP/s"], rows)
 
 
+def out_of_memory_as_result(shape_name: str, bench) -> dict:
+  """Runs one shape's benchmark; a shape the device cannot hold is a result (the others still run)."""
+  try:
+    return bench()
+  except jax.errors.JaxRuntimeError as error:
+    if "RESOURCE_EXHAUSTED" not in str(error):
+      raise
+    message = str(error).splitlines()[0]
+    print(f"  {shape_name}: does not fit on this device ({message})", flush=True)
+    return {"shape": shape_name, "error": f"out of memory: {message}"}
+
+
 def print_train(results: list[dict]) -> None:
   rows = []
   for r in results:
+    if "error" in r:
+      rows.append([r["shape"], "jax", "-", "-", "-", r["error"][:60], "", "", "", "", ""])
+      continue
     for name in ("jax", "torch"):
       if name in r:
         m = r[name]
@@ -466,6 +481,8 @@ def print_train(results: list[dict]) -> None:
               ["shape", "framework", "params", "batch x len", "dtype", "ms/step", "min ms",
                "tokens/s", "TFLOP/s", "of peak", "JAX/torch speed"], rows)
   for r in results:
+    if "error" in r:
+      continue
     print(f"  {r['shape']}: {r['model_flops_per_step'] / 1e9:.2f} GFLOP per step, JAX compile "
           f"{r['jax_compile_s']:.1f} s; {r['note']}")
 
@@ -571,8 +588,8 @@ def main(argv=None) -> dict:
     for name in args.shapes:
       shape = build_shape(name, model_overrides, args.batch_size)
       print(f"Training step, {name}", flush=True)
-      results["train"].append(bench_train(shape, "torch" in args.what, args.rounds, args.steps,
-                                          args.warmup, peak_tflops))
+      results["train"].append(out_of_memory_as_result(name, lambda: bench_train(
+          shape, "torch" in args.what, args.rounds, args.steps, args.warmup, peak_tflops)))
     print_train(results["train"])
 
   if "sampler" in args.what:

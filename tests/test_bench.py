@@ -58,3 +58,13 @@ def test_the_python_loop_sampler_generates_what_the_jitted_sampler_does():
   # The jitted step runs the very code the op-by-op loop runs, and compiles in a fraction of the time.
   loop = bench.PythonLoopSampler(APPLY, LAYOUT, schedule, config, jit_step=True)
   np.testing.assert_array_equal(loop(PARAMS, x, ids, 7, (2, 3)), np.asarray(want))
+
+
+def test_a_shape_the_device_cannot_hold_is_reported_and_other_errors_are_not_hidden():
+  too_big = lambda: jax.block_until_ready(jax.jit(lambda: jnp.ones((2**42,), jnp.float32))())
+  result = bench.out_of_memory_as_result("huge", too_big)
+  assert result["shape"] == "huge" and result["error"].startswith("out of memory: RESOURCE_EXHAUSTED")
+  bench.print_train([result])  # the table prints the row instead of failing on missing numbers
+  assert bench.out_of_memory_as_result("fine", lambda: {"shape": "fine"}) == {"shape": "fine"}
+  with pytest.raises(TypeError):
+    bench.out_of_memory_as_result("broken", lambda: jnp.ones(3).reshape(2, 2))

@@ -71,12 +71,28 @@ def evaluate(config, workdir: str, dataset=None) -> dict:
         dataset.image_tokenizer, out_dir)
   results["card"]["seconds"] = round(time.perf_counter() - start, 1)
   with open(os.path.join(out_dir, "metrics.json"), "w") as f:
-    json.dump(results, f, indent=1, default=float)
+    json.dump(finite_or_null(results), f, indent=1, allow_nan=False)
 
   from medim_jax.evaluation import report_page
   page = report_page.write(os.path.join(workdir, "report.html"), results, shown, workdir)
   print(f"Evaluation of checkpoint {step}: {os.path.join(out_dir, 'metrics.json')}; page: {page}")
   return results
+
+
+def finite_or_null(value):
+  """``value`` with numpy scalars as Python numbers and NaN / inf as None, so metrics.json is strict
+  JSON (an F1 of a finding without positives is NaN; strict parsers reject a bare NaN)."""
+  if isinstance(value, dict):
+    return {k: finite_or_null(v) for k, v in value.items()}
+  if isinstance(value, (list, tuple, np.ndarray)):
+    return [finite_or_null(v) for v in value]
+  if isinstance(value, (bool, np.bool_)):
+    return bool(value)
+  if isinstance(value, (int, np.integer)):
+    return int(value)
+  if isinstance(value, (float, np.floating)):
+    return float(value) if np.isfinite(value) else None
+  return value
 
 
 def pick(values, rows):

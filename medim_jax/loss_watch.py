@@ -61,3 +61,21 @@ class LossWatch:
                 f"{len(self.recent)} steps)")
     self.recent.append(loss)
     return note
+
+
+def read_and_watch(watch: LossWatch, unread, checkpointer, on_note=None) -> list[dict]:
+  """Host copies of the metrics of ``unread`` [(step, device metrics)], after ``watch`` has seen
+  each step; ``on_note(step, note, metrics)`` gets its log lines. Reading waits for those steps.
+  A NonFiniteError that ends the run names the last checkpoint, which holds no bad update."""
+  import jax
+  read = jax.device_get([metrics for _, metrics in unread])
+  for (step, _), metrics in zip(unread, read):
+    try:
+      note = watch.observe(step, float(metrics["loss"]), bool(metrics["nonfinite"]))
+    except errors.NonFiniteError as e:
+      latest = checkpointer.latest_step()
+      where = f"{checkpointer.directory}/{latest}" if latest is not None else "none yet"
+      raise errors.NonFiniteError(f"{e}. Last checkpoint: {where}") from None
+    if note and on_note:
+      on_note(step, note, metrics)
+  return read

@@ -280,21 +280,10 @@ def train_and_evaluate(config, workdir: str, dataset: data_base.PairedDataset | 
                           initial=first_step)
   log = bar.write if is_main else lambda line: None
 
-  def read_and_watch(unread) -> list[dict]:
-    """Host copies of the steps' metrics, after loss_watch has seen each (it may end the run)."""
-    read = jax.device_get([metrics for _, metrics in unread])
-    for (step, _), metrics in zip(unread, read):
-      try:
-        note = watch.observe(step, float(metrics["loss"]), bool(metrics["nonfinite"]))
-      except errors.NonFiniteError as e:
-        latest = checkpointer.latest_step()
-        where = f"{checkpointer.directory}/{latest}" if latest is not None else "none yet"
-        raise errors.NonFiniteError(f"{e}. Last checkpoint: {where}") from None
-      if note:
-        log(note)
-        writer.write(step, "loss_event", {"loss": float(metrics["loss"]),
-                                          "nonfinite": float(metrics["nonfinite"])})
-    return read
+  def log_loss_event(step, note, metrics) -> None:
+    log(note)
+    writer.write(step, "loss_event", {"loss": float(metrics["loss"]),
+                                      "nonfinite": float(metrics["nonfinite"])})
   window_start, window_steps, window_metrics = time.perf_counter(), 0, []
   unread = []  # (step, device metrics) not yet looked at on the host: reading them waits for the step
   try:
@@ -312,7 +301,7 @@ def train_and_evaluate(config, workdir: str, dataset: data_base.PairedDataset | 
             train_cfg.log_every, train_cfg.eval_every, train_cfg.checkpoint_every))
         if not (is_log or is_eval or is_save or stopping):
           continue
-        window_metrics += read_and_watch(unread)
+        window_metrics += loss_watch.read_and_watch(watch, unread, checkpointer, log_loss_event)
         unread = []
         if is_log:
           summary = {k: float(np.mean([m[k] for m in window_metrics])) for k in window_metrics[0]}

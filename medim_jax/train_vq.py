@@ -3,7 +3,9 @@
 Loss: L1 + L2 reconstruction, codebook and commitment terms, and optionally a PatchGAN hinge loss
 after ``vq_train.gan_start_step``. Codes whose running usage falls below a threshold are restarted
 on encoder outputs of the current batch (dead-code restarts). Codebook usage and perplexity are
-logged; checkpoints resume exactly (batches depend only on the seed and the step). At the end the
+logged; checkpoints resume exactly (batches depend only on the seed and the step). As in MeDiM
+training, a non-finite step is never applied (``config.train.on_nonfinite`` decides whether to go on)
+and SIGTERM / Ctrl-C finish the step, save a checkpoint and stop (exit 143 / 130). At the end the
 tokenizer is exported to ``WORKDIR/vq/tokenizer.npz`` and evaluated on the test split: PSNR of the
 decoded uint8 images, codebook usage and perplexity, next to the k-means patch stand-in at the same
 token count, with a PNG of originals beside reconstructions.
@@ -23,7 +25,7 @@ import numpy as np
 import optax
 from flax import nnx
 
-from medim_jax import checkpointing, errors, progress, train, visualize
+from medim_jax import checkpointing, errors, loss_watch, preemption, progress, train, visualize
 from medim_jax.models import vq
 from medim_jax.tokenizers import image as image_tokenizers
 
@@ -145,6 +147,18 @@ class VQTrainer:
       disc_params = optax.apply_updates(disc_params, d_updates)
       metrics["discriminator_loss"] = d_loss
 
+    finite = jnp.isfinite(metrics["loss"]) & jnp.isfinite(optax.tree.norm(grads))
+    if self.use_gan:
+      finite &= jnp.isfinite(d_loss)
+    # A non-finite step changes nothing (params, codebook restarts, usage, discriminator); the
+    # step counter still advances so the batches move on, and the host-side loss watch decides.
+    keep_if_bad = lambda new, old: jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)
+    params, opt_state = keep_if_bad(params, state.params), keep_if_bad(opt_state, state.opt_state)
+    usage = keep_if_bad(usage, state.usage)
+    disc_params = keep_if_bad(disc_params, state.disc_params)
+    disc_opt_state = keep_if_bad(disc_opt_state, state.disc_opt_state)
+    metrics["nonfinite"] = jnp.logical_not(finite).astype(jnp.float32)
+
     p = counts / counts.sum()
     metrics["perplexity"] = jnp.exp(-jnp.sum(jnp.where(p > 0, p * jnp.log(p), 0.0)))
     metrics["batch_codebook_usage"] = jnp.mean(counts > 0)
@@ -231,7 +245,9 @@ def train_vq(config, workdir: str, progress_bars: bool = True) -> dict:
   os.makedirs(out_dir, exist_ok=True)
   train_images, _ = load_split_images(config, "train")
   trainer = VQTrainer(config)
-  checkpointer = checkpointing.Checkpointer(os.path.join(out_dir, "checkpoints"), 2)
+  checkpointer = checkpointing.Checkpointer(os.path.join(out_dir, "checkpoints"), 2,
+                                            remove_half_written=True)
+  watch = loss_watch.LossWatch.from_config(config.train)  # the same policy as MeDiM training
   if checkpointer.latest_step() is not None:
     state = checkpointer.restore(trainer.abstract_state())
     print(f"Resumed VQ training from {checkpointer.directory}/{int(state.step)}")
@@ -240,27 +256,36 @@ def train_vq(config, workdir: str, progress_bars: bool = True) -> dict:
     count = sum(np.size(x) for x in jax.tree.leaves(state.params))
     print(f"New VQ tokenizer: {count:,} parameters, {trainer.vq_config.downsample}x downsampling, "
           f"codebook {trainer.vq_config.codebook_size}; {len(train_images)} training images")
-  writer = train.MetricWriter(out_dir)
+  writer = train.MetricWriter(out_dir, resume_step=int(state.step))
   bar = progress.bar(cfg.num_steps, "train_vq", "step", progress_bars, initial=int(state.step))
-  window, start = [], time.perf_counter()
+  window, unread, start = [], [], time.perf_counter()
   key = jax.random.PRNGKey(cfg.seed)
+
   try:
-    for step in range(int(state.step) + 1, cfg.num_steps + 1):
-      batch = batch_at(train_images, step, cfg.batch_size, cfg.seed)
-      state, metrics = trainer.train_step(state, batch, jax.random.fold_in(key, step))
-      window.append(metrics)
-      bar.update(1)
-      if step % cfg.log_every == 0 or step == cfg.num_steps:
-        summary = {k: float(np.mean([m[k] for m in window])) for k in window[0]}
-        summary["dead_codes_restarted"] = float(np.sum([m["dead_codes_restarted"] for m in window]))
-        summary["steps_per_s"] = len(window) / (time.perf_counter() - start)
-        writer.write(step, "train", summary)
-        bar.write(f"vq step {step}: loss={summary['loss']:.4f} psnr={summary['psnr']:.2f}dB "
-                  f"perplexity={summary['perplexity']:.1f} usage={summary['batch_codebook_usage']:.3f} "
-                  f"restarted={summary['dead_codes_restarted']:.0f}")
-        window, start = [], time.perf_counter()
-      if step % cfg.checkpoint_every == 0 or step == cfg.num_steps:
-        checkpointer.save(step, state)
+    with preemption.StopRequests() as stop_requests:
+      for step in range(int(state.step) + 1, cfg.num_steps + 1):
+        batch = batch_at(train_images, step, cfg.batch_size, cfg.seed)
+        state, metrics = trainer.train_step(state, batch, jax.random.fold_in(key, step))
+        unread.append((step, metrics))
+        bar.update(1)
+        stopping = stop_requests.requested or checkpointer.reached_preemption(step)
+        last = step == cfg.num_steps
+        is_log, is_save = (step % every == 0 or last for every in (cfg.log_every,
+                                                                   cfg.checkpoint_every))
+        if not (is_log or is_save or stopping):
+          continue
+        window += loss_watch.read_and_watch(watch, unread, checkpointer,
+                                            lambda step, note, metrics: bar.write(f"vq {note}"))
+        unread = []
+        if is_log:
+          log_window(writer, bar, step, window, start)
+          window, start = [], time.perf_counter()
+        if is_save or stopping:
+          checkpointer.save(step, state)
+        if stopping and not last:
+          checkpointer.wait()
+          raise errors.Preempted(stop_requests.signal_name or "preemption notice",
+                                 stop_requests.signal_number or 0, step, checkpointer.directory)
   finally:
     bar.close()
     checkpointer.close()
@@ -278,6 +303,18 @@ def train_vq(config, workdir: str, progress_bars: bool = True) -> dict:
     return {}
   print(f"VQ tokenizer saved to {path}\n{describe(report)}")
   return report
+
+
+def log_window(writer, bar, step: int, window: list[dict], start: float) -> None:
+  summary = {k: float(np.mean([m[k] for m in window])) for k in window[0]}
+  for counted in ("dead_codes_restarted", "nonfinite"):
+    summary[counted] = float(np.sum([m[counted] for m in window]))
+  summary["steps_per_s"] = len(window) / (time.perf_counter() - start)
+  writer.write(step, "train", summary)
+  bar.write(f"vq step {step}: loss={summary['loss']:.4f} psnr={summary['psnr']:.2f}dB "
+            f"perplexity={summary['perplexity']:.1f} usage={summary['batch_codebook_usage']:.3f} "
+            f"restarted={summary['dead_codes_restarted']:.0f}"
+            + (f" non-finite steps skipped={summary['nonfinite']:.0f}" if summary["nonfinite"] else ""))
 
 
 def evaluate(config, tokenizer, out_dir: str, train_images) -> dict:

@@ -5,6 +5,8 @@ import os
 import subprocess
 import sys
 
+import pytest
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
@@ -79,7 +81,8 @@ def test_main_job_runs_every_stage_on_folders_then_reuses_them(tmp_path):
   metrics = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
   assert any(m["split"] == "train" and m["step"] == 4 for m in metrics)
 
-  results = json.loads((workdir / "eval" / "metrics.json").read_text())
+  results = json.loads((workdir / "eval" / "metrics.json").read_text(),  # strict JSON: no NaN
+                       parse_constant=lambda name: pytest.fail(f"metrics.json holds {name}"))
   assert results["card"]["checkpoint_step"] == 4 and results["card"]["examples"] == 8
   chest, pathology = results["datasets"]["chest"], results["datasets"]["pathology"]
   assert "clinical" in chest and "clinical" not in pathology  # only chest has labels.jsonl

@@ -2,6 +2,9 @@
 the tokenizer file round trip, and a short training run with dead-code restarts."""
 
 import dataclasses
+import json
+import os
+import signal
 
 import jax
 import jax.numpy as jnp
@@ -9,6 +12,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
+from medim_jax import checkpointing, errors
 from medim_jax.models import vq
 from medim_jax.tokenizers import image as image_tokenizers
 
@@ -109,6 +113,48 @@ def test_train_vq_resume_gives_the_uninterrupted_tokenizer(tmp_path, monkeypatch
   monkeypatch.setattr(train_vq, "batch_at", original)
   train_vq.train_vq(config, str(tmp_path / "b"), progress_bars=False)
 
-  a = image_tokenizers.load_image_tokenizer(str(tmp_path / "a" / "vq" / "tokenizer.npz"))
-  b = image_tokenizers.load_image_tokenizer(str(tmp_path / "b" / "vq" / "tokenizer.npz"))
-  assert a.fingerprint == b.fingerprint  # a hash of every parameter: bit-identical
+  def terminated_at_3(images, step, batch_size, seed):
+    if step == 3:  # the handler sees it during step 3, which finishes and is saved
+      os.kill(os.getpid(), signal.SIGTERM)
+    return original(images, step, batch_size, seed)
+  monkeypatch.setattr(train_vq, "batch_at", terminated_at_3)
+  with pytest.raises(errors.Preempted, match="after step 3"):
+    train_vq.train_vq(config, str(tmp_path / "c"), progress_bars=False)
+  assert checkpointing.Checkpointer(str(tmp_path / "c" / "vq" / "checkpoints"), 2).all_steps() == [2, 3]
+  monkeypatch.setattr(train_vq, "batch_at", original)
+  train_vq.train_vq(config, str(tmp_path / "c"), progress_bars=False)
+
+  a, b, c = (image_tokenizers.load_image_tokenizer(str(tmp_path / run / "vq" / "tokenizer.npz"))
+             for run in "abc")
+  assert a.fingerprint == b.fingerprint == c.fingerprint  # a hash of every parameter: bit-identical
+
+
+@pytest.mark.parametrize("policy", ["skip", "stop"])
+def test_a_non_finite_vq_step_is_never_applied(tmp_path, monkeypatch, policy):
+  from medim_jax import train_vq
+  from tests.test_shards_and_pipeline import folders_config, make_folder
+  for name in ("a_train", "b_train"):
+    make_folder(tmp_path / name, 12, len(name))
+  config = folders_config(tmp_path)
+  config.data.datasets.chest.test = config.data.datasets.pathology.val = ""
+  config.vq_train.num_steps, config.vq_train.checkpoint_every = 3, 1
+  config.train.on_nonfinite = policy
+  original = train_vq.batch_at
+  poisoned = lambda images, step, batch_size, seed: (
+      original(images, step, batch_size, seed) * (np.nan if step == 3 else 1.0))
+  monkeypatch.setattr(train_vq, "batch_at", poisoned)
+  directory = str(tmp_path / "vq" / "checkpoints")
+  if policy == "stop":
+    with pytest.raises(errors.NonFiniteError, match=f"step 3.*Last checkpoint: {directory}/2"):
+      train_vq.train_vq(config, str(tmp_path), progress_bars=False)
+    assert checkpointing.Checkpointer(directory, 2).all_steps() == [1, 2]
+    return
+  train_vq.train_vq(config, str(tmp_path), progress_bars=False)
+  checkpointer = checkpointing.Checkpointer(directory, 2)
+  abstract = train_vq.VQTrainer(config).abstract_state()
+  before, after = (checkpointer.restore(abstract, step=step) for step in (2, 3))
+  assert int(after.step) == 3
+  for name in ("params", "opt_state", "usage"):
+    jax.tree.map(np.testing.assert_array_equal, getattr(before, name), getattr(after, name))
+  rows = [json.loads(line) for line in open(tmp_path / "vq" / "metrics.jsonl")]
+  assert [r["nonfinite"] for r in rows if r["split"] == "train"] == [0.0, 1.0]  # steps 1-2, 3

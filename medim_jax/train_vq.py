@@ -260,7 +260,6 @@ def train_vq(config, workdir: str, progress_bars: bool = True) -> dict:
   bar = progress.bar(cfg.num_steps, "train_vq", "step", progress_bars, initial=int(state.step))
   window, unread, start = [], [], time.perf_counter()
   key = jax.random.PRNGKey(cfg.seed)
-
   try:
     with preemption.StopRequests() as stop_requests:
       for step in range(int(state.step) + 1, cfg.num_steps + 1):

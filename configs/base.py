@@ -122,6 +122,7 @@ def get_config(arg=None):
   config.diffusion.task_probs = ml_collections.ConfigDict(dict(
       joint=0.6, report_to_image=0.15, image_to_report=0.15, drop_report=0.05, drop_image=0.05))
   config.diffusion.keep_prompt_prob = 0.1  # joint task: keep the report's prompt clean
+  config.diffusion.loss_weighting = "elbo"  # elbo: -alpha'/(1-alpha) (paper) | flat: plain masked CE
   config.diffusion.text_loss_weight = 1.0
   config.diffusion.image_loss_weight = 1.0
 

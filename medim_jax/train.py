@@ -146,7 +146,7 @@ class Trainer:
                                    self.schedule, self.layout, self.task_mix)
     logits = self.model.apply(params, corrupted.noisy, self.schedule.sigma(t), batch["valid"])
     return loss_lib.diffusion_loss(logits, tokens, corrupted, t, self.schedule, self.layout,
-                                   self.modality_weights)
+                                   self.modality_weights, self.config.diffusion.loss_weighting)
 
   def _train_step(self, state: TrainState, batch):
     key = jax.random.fold_in(state.rng, state.step)

@@ -113,6 +113,11 @@ def test_loss_weight_is_the_schedules_weight_and_only_masked_positions_count():
   # Per-modality weights scale only their own modality.
   weighted = loss_lib.diffusion_loss(uniform, tokens, c, t, SCHEDULE, LAYOUT, modality_weights=(1.0, 0.0))[0]
   np.testing.assert_allclose(float(weighted), 4.0 * np.log(12) / LAYOUT.seq_length, rtol=1e-5)
+  # Flat weighting drops the 1/t: the plain masked cross-entropy.
+  flat = loss_lib.diffusion_loss(uniform, tokens, c, t, SCHEDULE, LAYOUT, weighting="flat")[0]
+  np.testing.assert_allclose(float(flat), want / 4.0, rtol=1e-5)
+  with pytest.raises(ValueError, match="loss weighting"):
+    loss_lib.diffusion_loss(uniform, tokens, c, t, SCHEDULE, LAYOUT, weighting="uniform")
 
 
 def test_restriction_keeps_each_position_in_its_own_vocabulary_and_never_mask():

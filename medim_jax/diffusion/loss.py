@@ -15,6 +15,10 @@ from medim_jax.tokenizers.vocab import IMAGE, MODALITY_NAMES, TEXT, TokenLayout
 
 # Finite, so that a real NaN/Inf in the model's output stays distinguishable from a masked-out id.
 NEG_INF = -1e9
+# "elbo": the continuous-time ELBO weight -alpha'(t) / (1 - alpha(t)) (1/t for the paper's
+# schedule); "flat": weight 1, MaskGIT's plain masked cross-entropy, which counts the heavily
+# masked states generation starts from as much as the nearly clean ones.
+LOSS_WEIGHTINGS = ("elbo", "flat")
 
 
 def allowed_ids(layout: TokenLayout) -> jax.Array:
@@ -35,15 +39,18 @@ def subs_log_probs(logits: jax.Array, layout: TokenLayout) -> jax.Array:
 
 def diffusion_loss(logits: jax.Array, tokens: jax.Array, corruption: Corruption, t: jax.Array,
                    schedule: MaskingSchedule, layout: TokenLayout,
-                   modality_weights: tuple[float, float] = (1.0, 1.0)):
+                   modality_weights: tuple[float, float] = (1.0, 1.0), weighting: str = "elbo"):
   """Weighted masked cross-entropy per ELBO term, with separate text and image metrics.
 
   The loss is ``sum_masked w(t) * m_weight * -log p(x0) / #noised``: the NELBO per token of the
   noised region (unmasked noised positions contribute 0 under SUBS). Returns (loss, metrics).
   """
+  if weighting not in LOSS_WEIGHTINGS:
+    raise ValueError(f"loss weighting must be one of {LOSS_WEIGHTINGS}, got {weighting!r}")
   log_probs = subs_log_probs(logits, layout)
   nll = -jnp.take_along_axis(log_probs, tokens[..., None], axis=-1)[..., 0]  # (B, L)
-  weighted = nll * schedule.weight(t)[:, None] * corruption.loss_mask
+  time_weight = schedule.weight(t) if weighting == "elbo" else jnp.ones_like(t)
+  weighted = nll * time_weight[:, None] * corruption.loss_mask
   correct = (jnp.argmax(log_probs, axis=-1) == tokens) & corruption.loss_mask
 
   modality = jnp.asarray(layout.modality())[None, :]

@@ -63,6 +63,14 @@ class LossWatch:
     return note
 
 
+def applied_if_finite(finite, new, old):
+  """``new`` where ``finite`` (a traced bool) holds, else ``old``, leaf by leaf: how a jitted step
+  keeps its previous state after a non-finite loss or gradient."""
+  import jax
+  import jax.numpy as jnp
+  return jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)
+
+
 def read_and_watch(watch: LossWatch, unread, checkpointer, on_note=None) -> list[dict]:
   """Host copies of the metrics of ``unread`` [(step, device metrics)], after ``watch`` has seen
   each step; ``on_note(step, note, metrics)`` gets its log lines. Reading waits for those steps.

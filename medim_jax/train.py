@@ -161,9 +161,8 @@ class Trainer:
     finite = jnp.isfinite(metrics["loss"]) & jnp.isfinite(grad_norm)
     # A non-finite loss or gradient never reaches the state: the step keeps what it had (the step
     # counter still advances, so the data and keys move on); loss_watch decides whether to go on.
-    keep_if_bad = lambda new, old: jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)
-    params, opt_state = keep_if_bad(params, state.params), keep_if_bad(opt_state, state.opt_state)
-    ema = keep_if_bad(ema, state.ema_params)
+    params, opt_state, ema = loss_watch.applied_if_finite(
+        finite, (params, opt_state, ema), (state.params, state.opt_state, state.ema_params))
     metrics = dict(metrics, grad_norm=grad_norm, learning_rate=self.learning_rate(state.step),
                    nonfinite=jnp.logical_not(finite).astype(jnp.float32))
     return state.replace(step=state.step + 1, params=params, opt_state=opt_state, ema_params=ema), metrics

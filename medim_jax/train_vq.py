@@ -152,11 +152,9 @@ class VQTrainer:
       finite &= jnp.isfinite(d_loss)
     # A non-finite step changes nothing (params, codebook restarts, usage, discriminator); the
     # step counter still advances so the batches move on, and the host-side loss watch decides.
-    keep_if_bad = lambda new, old: jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)
-    params, opt_state = keep_if_bad(params, state.params), keep_if_bad(opt_state, state.opt_state)
-    usage = keep_if_bad(usage, state.usage)
-    disc_params = keep_if_bad(disc_params, state.disc_params)
-    disc_opt_state = keep_if_bad(disc_opt_state, state.disc_opt_state)
+    params, opt_state, usage, disc_params, disc_opt_state = loss_watch.applied_if_finite(
+        finite, (params, opt_state, usage, disc_params, disc_opt_state),
+        (state.params, state.opt_state, state.usage, state.disc_params, state.disc_opt_state))
     metrics["nonfinite"] = jnp.logical_not(finite).astype(jnp.float32)
 
     p = counts / counts.sum()

@@ -25,6 +25,7 @@ def get_config(arg=None):
   config.data.cache_dir = ".cache/medim-demo"
   config.data.demo_seed = 0
   config.data.demo_parts = "chest,pathology"
+  config.data.demo_chest_train_renders = 1  # radiographs per training report (new film each)
   config.data.demo_pathology_counts = ml_collections.ConfigDict(dict(train=1200, val=150, test=150))
 
   # Paired folders (data.name="folders"): per dataset, NAME.png|jpg + NAME.txt folders per split,
@@ -102,6 +103,9 @@ def get_config(arg=None):
   config.model.tie_embeddings = True    # LM head = token embedding, as in the original
   config.model.adaln_gate_init = "zero"  # "zero": AdaLN-zero; "open": gate bias 1 (pretrained active)
   config.model.init_std = 0.02
+  # random | codebook: image-code embeddings start knowing what each code looks like
+  # (models/code_embedding.py; not with pretrained_dir, whose embeddings are learned already).
+  config.model.image_embedding_init = "random"
   config.model.dtype = "float32"        # compute dtype; params and optimizer state stay float32
   config.model.attention_impl = "xla"   # xla (einsum, f32 softmax) | jax_dot_product (cuDNN on GPU) | splash (TPU)
   config.model.remat_policy = "none"   # none | full | dots | dots_no_batch: recompute in backward

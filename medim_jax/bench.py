@@ -79,6 +79,7 @@ def build_shape(name: str, model_overrides: dict, batch_size: int | None = None)
   """A named shape; ``model_overrides`` (e.g. dtype, attention_impl) replace config.model keys."""
   if name == "demo":
     config = demo_config.get_config()
+    config.model.image_embedding_init = "random"  # no tokenizer here; speed does not depend on it
     tokens_per_side = config.data.image_size // config.data.patch_pixels
     layout = TokenLayout(text_vocab_size=config.data.text_vocab_size,
                          image_vocab_size=config.vq.codebook_size,

@@ -17,8 +17,9 @@ from flax import nnx
 from medim_jax import checkpointing, errors, loss_watch, preemption, progress as progress_bars
 from medim_jax.data import base as data_base
 from medim_jax.diffusion import corruption, loss as loss_lib, schedules
-from medim_jax.models import transformer
+from medim_jax.models import code_embedding, transformer
 from medim_jax.parallel import mesh as mesh_lib, sharding
+from medim_jax.tokenizers import image as image_tokenizers
 from medim_jax.tokenizers.vocab import TokenLayout
 
 
@@ -85,8 +86,12 @@ class Trainer:
                                    out_shardings=(self.state_shardings, replicated))
     self._jit_eval_step = jax.jit(self._eval_step, out_shardings=replicated)
 
-  def _new_state(self, seed: int) -> TrainState:
-    return self._state_around(self.model.init(seed), seed)
+  def _new_state(self, seed: int, image_code_coordinates=None) -> TrainState:
+    params = self.model.init(seed)
+    if image_code_coordinates is not None:
+      rows = slice(self.layout.image_offset, self.layout.image_offset + self.layout.image_vocab_size)
+      params = {**params, "embedding": params["embedding"].at[rows].add(image_code_coordinates)}
+    return self._state_around(params, seed)
 
   def _state_around(self, params, seed: int) -> TrainState:
     ema = params if self.config.train.ema_decay > 0 else None
@@ -102,13 +107,19 @@ class Trainer:
         opt_state=sharding.optimizer_shardings(self.tx, abstract.opt_state, params, self.mesh),
         ema_params=params if abstract.ema_params is not None else None, rng=replicated)
 
-  def init_state(self, seed: int) -> TrainState:
+  def init_state(self, seed: int, image_appearance=None) -> TrainState:
     """A new state, created in place on the mesh (never whole on one device); its params come
-    from config.model.pretrained_dir (a Hugging Face Gemma / Liquid checkpoint) when set."""
+    from config.model.pretrained_dir (a Hugging Face Gemma / Liquid checkpoint) when set.
+
+    ``image_appearance`` (tokenizers/image.code_appearance of the data's image tokenizer) is what
+    config.model.image_embedding_init="codebook" starts the image-code embeddings from.
+    """
     pretrained = self.config.model.pretrained_dir
+    coordinates = self._image_code_coordinates(image_appearance)
     if not pretrained:
       with jax.set_mesh(self.mesh):
-        return jax.jit(lambda: self._new_state(seed), out_shardings=self.state_shardings)()
+        return jax.jit(lambda: self._new_state(seed, coordinates),
+                       out_shardings=self.state_shardings)()
     from medim_jax.convert import hf_gemma
     if self.model.config.scan_layers:
       raise errors.InputError("config.model.pretrained_dir cannot be combined with "
@@ -121,6 +132,25 @@ class Trainer:
     with jax.set_mesh(self.mesh):
       return jax.jit(lambda p: self._state_around(p, seed),
                      out_shardings=self.state_shardings)(params)
+
+  def _image_code_coordinates(self, image_appearance):
+    init = self.config.model.image_embedding_init
+    if init not in code_embedding.INITS:
+      raise errors.InputError(f"config.model.image_embedding_init must be one of "
+                              f"{code_embedding.INITS}, got {init!r}")
+    if init == "random":
+      return None
+    if self.config.model.pretrained_dir:
+      raise errors.InputError("config.model.image_embedding_init='codebook' starts fresh image-code "
+                              "embeddings; config.model.pretrained_dir brings its own: use one")
+    if image_appearance is None:
+      raise errors.InputError("config.model.image_embedding_init='codebook' needs the image "
+                              "tokenizer's code appearance (train_and_evaluate passes it)")
+    if len(image_appearance) != self.layout.image_vocab_size:
+      raise errors.InputError(f"the image tokenizer has {len(image_appearance)} codes, the token "
+                              f"layout {self.layout.image_vocab_size}")
+    return jnp.asarray(code_embedding.appearance_coordinates(
+        image_appearance, self.model.config.d_model, self.config.model.init_std))
 
   def abstract_state(self) -> TrainState:
     """Shapes, dtypes and target shardings: what a checkpoint restores into, on any mesh."""
@@ -266,7 +296,9 @@ def train_and_evaluate(config, workdir: str, dataset: data_base.PairedDataset | 
     state = checkpointer.restore(trainer.abstract_state(), data_iter)
     print(f"Resumed from {checkpointer.directory}/{int(state.step)}")
   else:
-    state = trainer.init_state(config.seed)
+    appearance = (image_tokenizers.code_appearance(dataset.image_tokenizer)
+                  if config.model.image_embedding_init == "codebook" else None)
+    state = trainer.init_state(config.seed, appearance)
     num_params = transformer.count_params(state.params)
     print(f"New run: {num_params:,} parameters, sequence length {dataset.layout.seq_length}, "
           f"vocabulary {dataset.layout.vocab_size}")

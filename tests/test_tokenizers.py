@@ -95,3 +95,5 @@ def test_patch_quantiser_round_trip_save_and_load(tmp_path):
   np.testing.assert_array_equal(loaded.encode(images), fitted.encode(images))
   with pytest.raises(ValueError, match=r"images must have shape \(B, 16, 16, 3\)"):
     fitted.encode(images[:, :8])
+  # What each code looks like, read back through decode alone: here the codebook blocks themselves.
+  np.testing.assert_allclose(image.code_appearance(maker, chunk=4), blocks / 255.0, atol=1e-6)

@@ -8,8 +8,10 @@ import numpy as np
 import pytest
 
 from configs import smoke
-from medim_jax import checkpointing, train
+from medim_jax import checkpointing, errors, train
 from medim_jax.data import base as data_base
+from medim_jax.models import code_embedding
+from medim_jax.tokenizers import image as image_tokenizers
 
 
 def tiny_config(**train_overrides):
@@ -43,6 +45,39 @@ def test_training_loss_falls_on_smoke_data(dataset):
   assert np.isfinite(after) and after < 0.7 * before, (before, after)
   assert {"text_loss", "image_loss", "grad_norm", "learning_rate"} <= set(metrics)
   assert float(metrics["text_loss"]) != float(metrics["image_loss"])
+
+
+def test_appearance_coordinates_closed_form():
+  # Three codes on a line in pixel space: one principal direction, the middle code at its centre;
+  # scaled so the mean square over 3 x 4 entries is 0.1**2, i.e. 2 c**2 / 12 = 0.01.
+  coords = code_embedding.appearance_coordinates([[-1.0, 0.0], [1.0, 0.0], [0.0, 0.0]], 4, 0.1)
+  c = 0.1 * np.sqrt(6.0)
+  np.testing.assert_allclose(np.abs(coords), [[c, 0, 0, 0], [c, 0, 0, 0], [0, 0, 0, 0]], atol=1e-7)
+  assert coords[0, 0] == -coords[1, 0]
+  with pytest.raises(ValueError, match="same appearance"):
+    code_embedding.appearance_coordinates(np.ones((5, 3)), 4, 0.1)
+
+
+def test_codebook_embedding_init_moves_only_the_image_code_rows(dataset):
+  layout = dataset.layout
+  appearance = image_tokenizers.code_appearance(dataset.image_tokenizer)
+  plain = train.Trainer(tiny_config(), layout).init_state(0)
+  config = tiny_config()
+  config.model.image_embedding_init = "codebook"
+  trainer = train.Trainer(config, layout)
+  state = trainer.init_state(0, appearance)
+
+  moved = np.asarray(state.params["embedding"]) - np.asarray(plain.params["embedding"])
+  codes = slice(layout.image_offset, layout.image_offset + layout.image_vocab_size)
+  np.testing.assert_allclose(moved[codes], code_embedding.appearance_coordinates(
+      appearance, config.model.d_model, config.model.init_std), atol=1e-6)
+  assert not moved[:layout.image_offset].any() and not moved[codes.stop:].any()
+  rest = lambda params: {k: v for k, v in params.items() if k != "embedding"}
+  assert_trees_equal(rest(state.params), rest(plain.params))
+  with pytest.raises(errors.InputError, match="needs the image tokenizer"):
+    trainer.init_state(0)
+  with pytest.raises(errors.InputError, match="tokenizer has 3 codes"):
+    trainer.init_state(0, appearance[:3])
 
 
 def test_ema_follows_the_params(dataset):

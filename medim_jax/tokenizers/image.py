@@ -305,6 +305,23 @@ def _unflatten(flat: dict) -> dict:
   return tree
 
 
+def code_appearance(tokenizer, chunk: int = 256) -> np.ndarray:
+  """(codebook_size, pixels per token * 3) in [0, 1]: what each code looks like once decoded.
+
+  Each code is decoded as an image made only of that code, and its token-sized blocks averaged;
+  for the patch quantiser this is exactly its codebook block. Works for any tokenizer that decodes.
+  """
+  grid = int(round(np.sqrt(tokenizer.tokens_per_image)))
+  rows = []
+  for start in range(0, tokenizer.codebook_size, chunk):
+    codes = np.arange(start, min(start + chunk, tokenizer.codebook_size), dtype=np.int32)
+    images = tokenizer.decode(np.repeat(codes[:, None], tokenizer.tokens_per_image, axis=1))
+    n, size = images.shape[0], images.shape[1]
+    blocks = images.reshape(n, grid, size // grid, grid, size // grid, 3).astype(np.float32)
+    rows.append(blocks.mean(axis=(1, 3)).reshape(n, -1) / 255.0)
+  return np.concatenate(rows)
+
+
 def load_image_tokenizer(path: str):
   """A saved image tokenizer (.npz): the VQ model or the patch quantiser, told apart by its contents."""
   if not os.path.exists(path):

@@ -48,7 +48,7 @@ def settings(data_cfg) -> dict:
 
 
 def chest_train_renders(data_cfg) -> int:
-  renders = int(data_cfg.get("demo_chest_train_renders", 1))
+  renders = int(data_cfg.demo_chest_train_renders)
   if renders < 1:
     raise ValueError(f"config.data.demo_chest_train_renders must be >= 1, got {renders}")
   return renders

@@ -16,16 +16,14 @@ INITS = ("random", "codebook")
 
 
 def appearance_coordinates(appearance, d_model: int, std: float) -> np.ndarray:
-  """(K, d_model): principal-component coordinates of the codes' appearances (the strongest first,
-  zero-padded past the rank), scaled so their mean square over all K x d_model entries is std**2,
-  the energy of the random initialisation they are added to."""
+  """(K, d_model): principal-component coordinates of the codes' appearances, the strongest first
+  (zero-padded when the appearances have fewer dimensions), scaled so that their mean square over
+  all K x d_model entries is std**2, the energy of the random initialisation they are added to."""
   centred = np.asarray(appearance, np.float64)
   centred = centred - centred.mean(axis=0)
-  _, singular, components = np.linalg.svd(centred, full_matrices=False)
-  rank = int((singular > singular[:1].max(initial=0.0) * 1e-6).sum()) if singular.size else 0
+  components = np.linalg.svd(centred, full_matrices=False)[2][:d_model]
   coords = np.zeros((len(centred), d_model))
-  keep = min(rank, d_model)
-  coords[:, :keep] = centred @ components[:keep].T
+  coords[:, :len(components)] = centred @ components.T
   energy = np.mean(coords ** 2)
   if energy == 0.0:
     raise ValueError("every image code decodes to the same appearance: nothing to initialise from")

@@ -33,7 +33,7 @@ def get_config(arg=None):
   config.model.adaln_gate_init = "open"
   config.model.learned_position_embedding = True
   # Image-code embeddings start from what each k-means patch looks like: at 700 steps the held-out
-  # losses fall from 1.29 / 3.65 (text / image) to 1.18 / 3.47 (README: "What was tried").
+  # losses fall from 1.29 / 3.65 (text / image) to 1.18-1.20 / 3.47 (README: "What was tried").
   config.model.image_embedding_init = "codebook"
   config.diffusion.time_warp = "maskgit"
   # A quarter of the chest reports name a finding, each finding a few percent: draw those 8x as

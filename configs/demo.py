@@ -47,6 +47,9 @@ def get_config(arg=None):
   # on an idle machine, 2026-11-30; about twice that when the cores are shared).
   config.vq.channels = 16
   config.vq.channel_mult = (1, 2, 4, 4)
+  # Plain (not l2-normalised) codes keep much more of the findings' contrast at this size: cardiomegaly
+  # 0.56 -> 0.72, effusion 0.61 -> 0.82, granuloma 0.07 -> 0.20 retained (README, the VQ tokenizer).
+  config.vq.l2_normalize = False
   config.vq_train.batch_size = 16
   config.vq_train.num_steps = 600
   config.vq_train.learning_rate = 2e-3

@@ -107,15 +107,15 @@ class Trainer:
         opt_state=sharding.optimizer_shardings(self.tx, abstract.opt_state, params, self.mesh),
         ema_params=params if abstract.ema_params is not None else None, rng=replicated)
 
-  def init_state(self, seed: int, image_appearance=None) -> TrainState:
+  def init_state(self, seed: int, image_tokenizer=None) -> TrainState:
     """A new state, created in place on the mesh (never whole on one device); its params come
     from config.model.pretrained_dir (a Hugging Face Gemma / Liquid checkpoint) when set.
 
-    ``image_appearance`` (tokenizers/image.code_appearance of the data's image tokenizer) is what
-    config.model.image_embedding_init="codebook" starts the image-code embeddings from.
+    ``image_tokenizer`` (the data's) is what config.model.image_embedding_init="codebook" starts
+    the image-code embeddings from; other settings do not look at it.
     """
     pretrained = self.config.model.pretrained_dir
-    coordinates = self._image_code_coordinates(image_appearance)
+    coordinates = self._image_code_coordinates(image_tokenizer)
     if not pretrained:
       with jax.set_mesh(self.mesh):
         return jax.jit(lambda: self._new_state(seed, coordinates),
@@ -133,7 +133,7 @@ class Trainer:
       return jax.jit(lambda p: self._state_around(p, seed),
                      out_shardings=self.state_shardings)(params)
 
-  def _image_code_coordinates(self, image_appearance):
+  def _image_code_coordinates(self, image_tokenizer):
     init = self.config.model.image_embedding_init
     if init not in code_embedding.INITS:
       raise errors.InputError(f"config.model.image_embedding_init must be one of "
@@ -143,14 +143,15 @@ class Trainer:
     if self.config.model.pretrained_dir:
       raise errors.InputError("config.model.image_embedding_init='codebook' starts fresh image-code "
                               "embeddings; config.model.pretrained_dir brings its own: use one")
-    if image_appearance is None:
+    if image_tokenizer is None:
       raise errors.InputError("config.model.image_embedding_init='codebook' needs the image "
-                              "tokenizer's code appearance (train_and_evaluate passes it)")
-    if len(image_appearance) != self.layout.image_vocab_size:
-      raise errors.InputError(f"the image tokenizer has {len(image_appearance)} codes, the token "
-                              f"layout {self.layout.image_vocab_size}")
+                              "tokenizer (train_and_evaluate passes the data's)")
+    if image_tokenizer.codebook_size != self.layout.image_vocab_size:
+      raise errors.InputError(f"the image tokenizer has {image_tokenizer.codebook_size} codes, the "
+                              f"token layout {self.layout.image_vocab_size}")
     return jnp.asarray(code_embedding.appearance_coordinates(
-        image_appearance, self.model.config.d_model, self.config.model.init_std))
+        image_tokenizers.code_appearance(image_tokenizer), self.model.config.d_model,
+        self.config.model.init_std))
 
   def abstract_state(self) -> TrainState:
     """Shapes, dtypes and target shardings: what a checkpoint restores into, on any mesh."""
@@ -296,9 +297,7 @@ def train_and_evaluate(config, workdir: str, dataset: data_base.PairedDataset | 
     state = checkpointer.restore(trainer.abstract_state(), data_iter)
     print(f"Resumed from {checkpointer.directory}/{int(state.step)}")
   else:
-    appearance = (image_tokenizers.code_appearance(dataset.image_tokenizer)
-                  if config.model.image_embedding_init == "codebook" else None)
-    state = trainer.init_state(config.seed, appearance)
+    state = trainer.init_state(config.seed, dataset.image_tokenizer)
     num_params = transformer.count_params(state.params)
     print(f"New run: {num_params:,} parameters, sequence length {dataset.layout.seq_length}, "
           f"vocabulary {dataset.layout.vocab_size}")

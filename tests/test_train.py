@@ -65,7 +65,7 @@ def test_codebook_embedding_init_moves_only_the_image_code_rows(dataset):
   config = tiny_config()
   config.model.image_embedding_init = "codebook"
   trainer = train.Trainer(config, layout)
-  state = trainer.init_state(0, appearance)
+  state = trainer.init_state(0, dataset.image_tokenizer)
 
   moved = np.asarray(state.params["embedding"]) - np.asarray(plain.params["embedding"])
   codes = slice(layout.image_offset, layout.image_offset + layout.image_vocab_size)
@@ -76,8 +76,9 @@ def test_codebook_embedding_init_moves_only_the_image_code_rows(dataset):
   assert_trees_equal(rest(state.params), rest(plain.params))
   with pytest.raises(errors.InputError, match="needs the image tokenizer"):
     trainer.init_state(0)
+  three_codes = image_tokenizers.PatchKMeansTokenizer(np.zeros((3, 4 * 4 * 3)), patch=4, image_size=8)
   with pytest.raises(errors.InputError, match="tokenizer has 3 codes"):
-    trainer.init_state(0, appearance[:3])
+    trainer.init_state(0, three_codes)
 
 
 def test_ema_follows_the_params(dataset):

@@ -80,6 +80,11 @@ def get_config(arg=None):
   config.vq_train.usage_decay = 0.99
   config.vq_train.restart_every = 50      # 0 disables dead-code restarts
   config.vq_train.dead_code_threshold = 0.03  # running usage below 3% of uniform counts as dead
+  # > 0: up to this many random bright/dark spots per training image (train_vq.with_spots), so
+  # that local deviations from the average anatomy survive tokenization (README).
+  config.vq_train.spots_per_image = 0
+  config.vq_train.spot_contrast = 0.5     # largest spot peak, in units of the [-1, 1] pixel range
+  config.vq_train.spot_max_sigma = 8.0    # px; sigmas are log-uniform from 0.7 px to this
   config.vq_train.gan_weight = 0.0        # > 0 adds a PatchGAN hinge loss
   config.vq_train.gan_start_step = 1000
   config.vq_train.gan_channels = 32

@@ -50,6 +50,11 @@ def get_config(arg=None):
   # Plain (not l2-normalised) codes keep much more of the findings' contrast at this size: cardiomegaly
   # 0.56 -> 0.72, effusion 0.61 -> 0.82, granuloma 0.07 -> 0.20 retained (README, the VQ tokenizer).
   config.vq.l2_normalize = False
+  # Random spots on the training images keep local deviations from the average anatomy: retained
+  # nodule 0.34 -> 0.41, cardiomegaly 0.71 -> 0.80 (README, the VQ tokenizer).
+  config.vq_train.spots_per_image = 3
+  config.vq_train.spot_contrast = 0.5
+  config.vq_train.spot_max_sigma = 16.0
   config.vq_train.batch_size = 16
   config.vq_train.num_steps = 600
   config.vq_train.learning_rate = 2e-3

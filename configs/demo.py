@@ -43,15 +43,16 @@ def get_config(arg=None):
   config.diffusion.task_probs = dict(joint=0.2, report_to_image=0.3, image_to_report=0.4,
                                      drop_report=0.05, drop_image=0.05)
 
-  # VQ tokenizer for 64 px (8x8 codes): small enough to train on 2 CPU cores (600 steps: 5 min 13 s
-  # on an idle machine, 2026-11-30; about twice that when the cores are shared).
+  # VQ tokenizer for 64 px (8x8 codes): small enough to train on 2 CPU cores (600 steps with spots:
+  # 5 min 11 s on an idle machine, 2026-12-01, then ~3.7 min of test scoring; about twice that when
+  # the cores are shared).
   config.vq.channels = 16
   config.vq.channel_mult = (1, 2, 4, 4)
   # Plain (not l2-normalised) codes keep much more of the findings' contrast at this size: cardiomegaly
   # 0.56 -> 0.72, effusion 0.61 -> 0.82, granuloma 0.07 -> 0.20 retained (README, the VQ tokenizer).
   config.vq.l2_normalize = False
-  # Random spots on the training images keep local deviations from the average anatomy: retained
-  # nodule 0.34 -> 0.41, cardiomegaly 0.71 -> 0.80 (README, the VQ tokenizer).
+  # Random spots on the training images keep local deviations from the average anatomy: two runs
+  # retained pneumothorax 0.67 -> 0.72-0.73, effusion 0.78 -> 0.80-0.85 (README, the VQ tokenizer).
   config.vq_train.spots_per_image = 3
   config.vq_train.spot_contrast = 0.5
   config.vq_train.spot_max_sigma = 16.0

@@ -92,6 +92,38 @@ def test_tokenizer_interface_and_file_round_trip(tmp_path):
   assert np.abs(loaded.decode(codes).astype(int) - decoded).max() <= 1
 
 
+def test_spot_field_is_a_sum_of_gaussians():
+  from medim_jax import train_vq
+  centres = np.array([[[10.0, 20.0], [0.0, 0.0]]])
+  field = train_vq.spot_field((32, 32), centres, np.array([[2.0, 1.0]]), np.array([[0.3, -0.2]]))
+  assert field.shape == (1, 32, 32)
+  np.testing.assert_allclose(field[0, 10, 20], 0.3, rtol=1e-6)         # the other spot: e^-125
+  np.testing.assert_allclose(field[0, 10, 22], 0.3 * np.exp(-0.5), rtol=1e-6)  # one sigma away
+  np.testing.assert_allclose(field[0, 0, 0], -0.2 + 0.3 * np.exp(-500 / 8), atol=1e-7)
+
+
+def test_spots_are_grey_bounded_and_a_function_of_seed_and_step():
+  from medim_jax import train_vq
+  from configs import demo as demo_config
+  cfg = demo_config.get_config().vq_train
+  cfg.batch_size = 64
+  images = np.full((5, 24, 24, 3), 128, np.uint8)
+  plain = train_vq.batch_at(images, 7, cfg.batch_size, cfg.seed)
+  spotted = train_vq.training_batch(images, 7, cfg)
+  np.testing.assert_array_equal(spotted, train_vq.training_batch(images, 7, cfg))  # resumable
+  change = spotted - plain
+  np.testing.assert_array_equal(change[..., 0], change[..., 1])  # grey: the same in every channel
+  assert np.abs(change).max() <= cfg.spots_per_image * cfg.spot_contrast
+  changed = (np.abs(change) > 1e-3).any(axis=(1, 2, 3))
+  assert 0.5 < changed.mean() < 1.0  # 0..3 spots per image: about a quarter get none
+  cfg.spots_per_image = 0
+  np.testing.assert_array_equal(train_vq.training_batch(images, 7, cfg), plain)
+  config = demo_config.get_config()
+  config.vq_train.spot_max_sigma = 0.5
+  with pytest.raises(errors.InputError, match="spot_max_sigma"):
+    train_vq.train_vq(config, "unused")  # before any data is read
+
+
 def test_train_vq_resume_gives_the_uninterrupted_tokenizer(tmp_path, monkeypatch):
   from medim_jax import train_vq
   from tests.test_shards_and_pipeline import folders_config, make_folder

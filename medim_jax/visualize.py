@@ -27,16 +27,20 @@ def sample_grid(images, captions, path: str, columns: int = 8, image_px: int = 1
   sheet.save(path)
 
 
-def comparison_grid(columns, titles, path: str, image_px: int = 128) -> None:
-  """Save a PNG with one column per image set (e.g. originals, reconstructions), rows aligned."""
+def comparison_grid(columns, titles, path: str, image_px: int = 128, row_labels=None) -> None:
+  """Save a PNG with one column per image set (e.g. originals, reconstructions), rows aligned and
+  optionally named in a left margin."""
   font = ImageFont.load_default()
   rows = len(columns[0])
   header, pad = 18, 4
-  sheet = Image.new("RGB", (len(columns) * (image_px + pad) + pad, header + rows * (image_px + pad)),
-                    "white")
+  margin = 0 if row_labels is None else 6 * max(len(label) for label in row_labels) + pad
+  sheet = Image.new("RGB", (margin + len(columns) * (image_px + pad) + pad,
+                            header + rows * (image_px + pad)), "white")
   draw = ImageDraw.Draw(sheet)
+  for r, label in enumerate(row_labels or []):
+    draw.text((pad, header + r * (image_px + pad) + image_px // 2 - 5), label, fill="black", font=font)
   for c, (images, title) in enumerate(zip(columns, titles)):
-    x = pad + c * (image_px + pad)
+    x = margin + pad + c * (image_px + pad)
     draw.text((x, 3), title, fill="black", font=font)
     for r, image in enumerate(images):
       tile = Image.fromarray(np.asarray(image, np.uint8)).resize((image_px, image_px), Image.NEAREST)

@@ -79,7 +79,8 @@ def difference_sheet(tokenizers: dict, image_size: int, path: str, phantom=None,
     titles.append(name)
     differences.append(shown(recon_with.astype(np.float64) - recon_without))
     difference_titles.append(f"{name}: finding")
-  visualize.comparison_grid(columns + differences, titles + difference_titles, path)
+  visualize.comparison_grid(columns + differences, titles + difference_titles, path,
+                            row_labels=[TERMS[kind].lower() for kind in FINDINGS])
 
 
 def main(argv=None) -> None:

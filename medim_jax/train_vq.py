@@ -1,14 +1,16 @@
 """``--mode train_vq``: train the VQ image tokenizer on the training images of the configured data.
 
 Loss: L1 + L2 reconstruction, codebook and commitment terms, and optionally a PatchGAN hinge loss
-after ``vq_train.gan_start_step``; training images can carry random spots (``with_spots``). Codes whose running usage falls below a threshold are restarted
-on encoder outputs of the current batch (dead-code restarts). Codebook usage and perplexity are
-logged; checkpoints resume exactly (batches depend only on the seed and the step). As in MeDiM
-training, a non-finite step is never applied (``config.train.on_nonfinite`` decides whether to go on)
-and SIGTERM / Ctrl-C finish the step, save a checkpoint and stop (exit 143 / 130). At the end the
-tokenizer is exported to ``WORKDIR/vq/tokenizer.npz`` and evaluated on the test split: PSNR of the
-decoded uint8 images, codebook usage and perplexity, next to the k-means patch stand-in at the same
-token count, with a PNG of originals beside reconstructions.
+after ``vq_train.gan_start_step``; training images can carry random spots (``with_spots``). Codes
+whose running usage falls below a threshold are restarted on encoder outputs of the current batch
+(dead-code restarts). Codebook usage and perplexity are logged; checkpoints resume exactly (batches,
+spots included, depend only on the seed and the step). As in MeDiM training, a non-finite step is
+never applied (``config.train.on_nonfinite`` decides whether to go on) and SIGTERM / Ctrl-C finish the
+step, save a checkpoint and stop (exit 143 / 130). At the end the tokenizer is exported to
+``WORKDIR/vq/tokenizer.npz`` and evaluated on the test split: PSNR of the decoded uint8 images,
+codebook usage and perplexity, next to the k-means patch stand-in at the same token count, with a PNG
+of originals beside reconstructions; on medim-demo also how much of each finding's contrast both keep
+(``evaluation/finding_visibility.py``), with a PNG of what each passes on.
 """
 
 from __future__ import annotations

@@ -49,8 +49,8 @@ def finding_visibility(tokenizer, image_size: int, count: int = 1024, seed: int 
                        phantom=None) -> dict[str, float]:
   """Retained fraction per finding over ``count`` poses. One pose's fraction varies a lot (a nodule
   on a rib edge or across a token border), so with 16 poses a nodule's mean moved by 0.17 between
-  seeds; with 1,024 the k-means stand-in's six means stay within 0.03 across seeds (tens of seconds
-  per tokenizer on 2 CPU cores)."""
+  seeds; with 1,024 the k-means stand-in's six means stay within 0.03 across seeds (on 2 CPU cores:
+  about 30 s for the k-means stand-in, 2.5 min for the demo's VQ)."""
   phantom = phantom or demo_chest.ChestPhantom.from_ct(*demo_chest.ct_paths())
   return {kind: retained_fraction(tokenizer, *paired_renders(phantom, kind, count, image_size, seed))
           for kind in FINDINGS}

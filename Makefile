@@ -27,8 +27,9 @@ $(DEMO_STAMP): $(STAMP)
 	$(VENV)/bin/python -m medim_jax.evaluation.wordnet || echo "WordNet not installed: nltk METEOR will be reported as unavailable"
 	touch $(DEMO_STAMP)
 
-# The main job: build medim-demo, train the VQ tokenizer, tokenize, train MeDiM, generate all three
-# tasks on the test split, evaluate, write $(WORKDIR)/report.html. Each stage is skipped when done.
+# The main job: build medim-demo, tokenize (configs/demo.py: k-means patches; with
+# data.image_tokenizer=vq it trains the VQ tokenizer first), train MeDiM, generate all three tasks on
+# the test split, evaluate, write $(WORKDIR)/report.html. Each stage is skipped when done.
 demo: $(DEMO_STAMP)
 	$(VENV)/bin/python -m medim_jax.main --config configs/demo.py --workdir $(WORKDIR) --mode all
 

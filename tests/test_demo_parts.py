@@ -200,3 +200,23 @@ def test_finding_visibility_is_one_for_a_lossless_tokenizer_and_zero_for_a_blind
   assert (difference > 0).all()  # same pose and film: only the finding differs, in every pair
   assert finding_visibility.retained_fraction(Identity(), with_finding, without) == 1.0
   assert finding_visibility.retained_fraction(Blank(), with_finding, without) == 0.0
+
+
+def test_difference_sheet_shows_what_each_tokenizer_passes_on(phantom, tmp_path):
+  from PIL import Image
+  from medim_jax.evaluation import finding_visibility
+  path = str(tmp_path / "sheet.png")
+  finding_visibility.difference_sheet({"lossless": Identity(), "blind": Blank()}, 32, path, phantom)
+  sheet = np.asarray(Image.open(path).convert("RGB"))
+  tile, pad, header = 128, 4, 18
+  margin = 6 * len("calcified granuloma") + pad  # the longest row label
+  assert sheet.shape == (header + 6 * (tile + pad), margin + 6 * (tile + pad) + pad, 3)
+
+  def column(c):  # columns: with finding, lossless, blind, finding, lossless: ..., blind: ...
+    x = margin + pad + c * (tile + pad)
+    return np.stack([sheet[header + r * (tile + pad):header + r * (tile + pad) + tile, x:x + tile]
+                     for r in range(6)])
+  np.testing.assert_array_equal(column(1), column(0))   # lossless reconstruction
+  np.testing.assert_array_equal(column(4), column(3))   # passes every finding on
+  assert (column(3) != 127).any()                       # and there is a finding to pass on
+  assert (column(5) == 127).all()                       # the blind one: grey, nothing changed

@@ -149,3 +149,14 @@ def test_best_f1_thresholds_cut_halfway_below_the_best_point():
   labels = np.array([[1], [1], [0], [1], [0]], bool)
   # Accepting the top 4 (tp 3, predicted 4) gives F1 6/7, the best: cut between 0.3 and 0.1.
   assert clinical.best_f1_thresholds(probabilities, labels)[0] == pytest.approx(0.2)
+
+
+def test_auc_per_finding_closed_forms():
+  probabilities = np.array([[0.1, 0.1, 0.3], [0.4, 0.5, 0.3], [0.35, 0.2, 0.3], [0.8, 0.9, 0.3]])
+  labels = np.array([[0, 1, 0], [1, 0, 0], [0, 0, 0], [1, 1, 0]], bool)
+  auc = clinical.auc_per_finding(probabilities, labels)
+  assert auc[0] == 1.0    # both positives above both negatives
+  assert auc[1] == 0.5    # positives 0.1, 0.9 vs negatives 0.5, 0.2: 2 of 4 pairs in order
+  assert np.isnan(auc[2])  # no positives
+  tied = clinical.auc_per_finding(np.array([[0.5], [0.5]]), np.array([[1], [0]], bool))
+  assert tied[0] == 0.5    # a tie counts half

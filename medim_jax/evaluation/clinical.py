@@ -185,6 +185,19 @@ def format_table(table: dict, findings: Sequence[str] = FINDINGS) -> str:
   return "\n".join(lines)
 
 
+def auc_per_finding(probabilities, labels) -> np.ndarray:
+  """Area under the ROC curve of each column: the chance that a random positive scores above a
+  random negative, ties counted half; NaN where a column has no positives or no negatives."""
+  probabilities, labels = np.asarray(probabilities, np.float64), np.asarray(labels, bool)
+  result = np.full(labels.shape[1], np.nan)
+  for k in range(labels.shape[1]):
+    positive, negative = probabilities[labels[:, k], k], probabilities[~labels[:, k], k]
+    if len(positive) and len(negative):
+      above = (positive[:, None] > negative[None]).mean()
+      result[k] = above + 0.5 * (positive[:, None] == negative[None]).mean()
+  return result
+
+
 def majority_baseline(train_labels, n: int) -> np.ndarray:
   """bool [n, K]: the most frequent training label set (ties: the first seen), for everyone."""
   train_labels = np.asarray(train_labels, bool)
@@ -381,20 +394,47 @@ def main(argv=None) -> None:
   parser.add_argument("--steps", type=int, default=600)
   parser.add_argument("--seed", type=int, default=0)
   parser.add_argument("--save", default="", help="write the classifier here (.npz)")
+  parser.add_argument("--load", default="", help="use this saved classifier instead of training one "
+                      "(e.g. WORKDIR/eval/finding_classifier_chest.npz)")
+  parser.add_argument("--tokenizers", nargs="*", default=[],
+                      help="saved image tokenizers (.npz): also read their reconstructions")
   args = parser.parse_args(argv)
   train, val, test = (load_demo_chest(args.chest_dir, s) for s in ("train", "val", "test"))
   print("Report extractor vs MeSH labels, train reports:")
   print(format_table(f1_table(extract_matrix(train[2]), train[1])))
-  start = time.time()
-  classifier = train_finding_classifier(train[0], train[1], steps=args.steps, seed=args.seed,
-                                        val_images=val[0], val_labels=val[1])
-  print(f"\nImage classifier, {args.steps} steps in {time.time() - start:.0f} s (thresholds on val "
-        f"included), test images:")
+  if args.load:
+    classifier = FindingClassifier.load(args.load)
+    print(f"\nImage classifier {args.load}, test images:")
+  else:
+    start = time.time()
+    classifier = train_finding_classifier(train[0], train[1], steps=args.steps, seed=args.seed,
+                                          val_images=val[0], val_labels=val[1])
+    print(f"\nImage classifier, {args.steps} steps in {time.time() - start:.0f} s (thresholds on "
+          f"val included), test images:")
   print(format_table(f1_table(classifier.predict_labels(test[0]), test[1])))
   print("\nMajority baseline (most frequent training label set), test:")
   print(format_table(f1_table(majority_baseline(train[1], len(test[1])), test[1])))
   if args.save:
     classifier.save(args.save)
+  if args.tokenizers:
+    print_reader_on_reconstructions(classifier, args.tokenizers, {
+        "train": (train[0], train[1]),
+        "val + test": (np.concatenate([val[0], test[0]]), np.concatenate([val[1], test[1]]))})
+
+
+def print_reader_on_reconstructions(classifier, tokenizer_paths, splits) -> None:
+  """Does the image reader still see the findings after encode -> decode? Its AUC per finding on
+  the real images and on each tokenizer's reconstructions of them."""
+  from medim_jax.tokenizers import image as image_tokenizers
+  tokenizers = {path: image_tokenizers.load_image_tokenizer(path) for path in tokenizer_paths}
+  for split, (images, labels) in splits.items():
+    print(f"\nImage classifier AUC, {split} ({len(images)} images; positives "
+          + ", ".join(f"{f} {n}" for f, n in zip(FINDINGS, labels.sum(axis=0))) + "):")
+    print("  " + " ".join(f"{f[:12]:>12s}" for f in FINDINGS) + "  images")
+    readings = {"real": images, **{path: t.decode(t.encode(images)) for path, t in tokenizers.items()}}
+    for name, shown in readings.items():
+      aucs = auc_per_finding(classifier.predict(shown), labels)
+      print("  " + " ".join(f"{a:12.3f}" for a in aucs) + f"  {name}")
 
 
 if __name__ == "__main__":

@@ -94,13 +94,23 @@ def main(argv=None) -> None:
   parser.add_argument("--image_size", type=int, default=64)
   parser.add_argument("--pairs", type=int, default=1024, help="renders with / without per finding")
   parser.add_argument("--seed", type=int, default=0)
+  parser.add_argument("--sheet", default="", help="also write the difference sheet PNG here")
   args = parser.parse_args(argv)
   phantom = demo_chest.ChestPhantom.from_ct(*demo_chest.ct_paths())
+  tokenizers = {path: image_tokenizers.load_image_tokenizer(path) for path in args.tokenizers}
   print("retained fraction: " + " ".join(FINDINGS))
-  for path in args.tokenizers:
-    scores = finding_visibility(image_tokenizers.load_image_tokenizer(path), args.image_size,
-                                args.pairs, args.seed, phantom)
+  for path, tokenizer in tokenizers.items():
+    scores = finding_visibility(tokenizer, args.image_size, args.pairs, args.seed, phantom)
     print(" ".join(f"{scores[kind]:.3f}" for kind in FINDINGS) + f"  {path}")
+  if args.sheet:
+    kinds = {image_tokenizers.VQTokenizer: "VQ", image_tokenizers.PatchKMeansTokenizer: "k-means"}
+    titled = {}
+    for i, (path, tokenizer) in enumerate(tokenizers.items()):
+      title = kinds.get(type(tokenizer), type(tokenizer).__name__)
+      titled[title if title not in titled else f"{title} {i + 1}"] = tokenizer
+    difference_sheet(titled, args.image_size, args.sheet, phantom)
+    print(f"difference sheet: {args.sheet} (columns: " + ", ".join(
+        f"{title} = {path}" for title, path in zip(titled, tokenizers)) + ")")
 
 
 if __name__ == "__main__":

@@ -387,7 +387,8 @@ def load_demo_chest(chest_dir: str, split: str, image_size: int = 64):
 
 def main(argv=None) -> None:
   """Measures both readers on the built demo: the extractor against the MeSH labels of the
-  training reports, the classifier (trained on train, thresholds on val) on the test images."""
+  training reports, the classifier (trained on train, thresholds on val; or loaded) on the test
+  images, and with --tokenizers the classifier's AUC on their reconstructions of the films."""
   parser = argparse.ArgumentParser(description=main.__doc__)
   parser.add_argument("chest_dir",
                       help="the demo's chest folder (train/, val/, test/, labels.jsonl)")

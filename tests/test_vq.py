@@ -97,7 +97,7 @@ def test_spot_field_is_a_sum_of_gaussians():
   centres = np.array([[[10.0, 20.0], [0.0, 0.0]]])
   field = train_vq.spot_field((32, 32), centres, np.array([[2.0, 1.0]]), np.array([[0.3, -0.2]]))
   assert field.shape == (1, 32, 32)
-  np.testing.assert_allclose(field[0, 10, 20], 0.3, rtol=1e-6)         # the other spot: e^-125
+  np.testing.assert_allclose(field[0, 10, 20], 0.3, rtol=1e-6)         # the other spot adds e^-250
   np.testing.assert_allclose(field[0, 10, 22], 0.3 * np.exp(-0.5), rtol=1e-6)  # one sigma away
   np.testing.assert_allclose(field[0, 0, 0], -0.2 + 0.3 * np.exp(-500 / 8), atol=1e-7)
 

@@ -1,5 +1,5 @@
-"""Does a checkpoint read the findings in the image when it writes a report? Two measurements on
-the validation split of a labelled dataset (medim-demo's chest part), each an AUC per finding:
+"""Does a checkpoint read the findings in the image when it writes a report? Measured on the
+validation split of a labelled dataset (medim-demo's chest part), each as an AUC per finding:
 
 * ``tokens``: what the image tokens carry. The finding classifier (clinical.py) trained on the
   image tokenizer's reconstructions of the training images and scored on the validation
@@ -9,11 +9,10 @@ the validation split of a labelled dataset (medim-demo's chest part), each an AU
   by the summed log-probability of its tokens under it, and an image's reading score for a finding
   is the mean score of the training reports with the finding minus that of the reports without.
   Its AUC is 0.5 when the image does not move the model's reports towards that finding.
-
 * ``transformer on labels`` (with ``label_steps`` > 0): the same architecture, freshly initialised
   as the config says, trained on the labels directly: the logits of text ids 0..K-1 at the first
   report position (report masked, image given) as K finding logits, the classifier's weighted
-  binary cross-entropy. Whether this architecture can learn to read the findings from these tokens
+  binary cross-entropy, the optimizer of config.train. Whether this architecture can learn to read the findings from these tokens
   at all in that many steps, with a far stronger signal than the generative loss gives it.
 
 A model whose image->report findings are no better than guessing while ``tokens`` is high has not

@@ -12,8 +12,9 @@ validation split of a labelled dataset (medim-demo's chest part), each as an AUC
 * ``transformer on labels`` (with ``label_steps`` > 0): the same architecture, freshly initialised
   as the config says, trained on the labels directly: the logits of text ids 0..K-1 at the first
   report position (report masked, image given) as K finding logits, the classifier's weighted
-  binary cross-entropy, the optimizer of config.train. Whether this architecture can learn to read the findings from these tokens
-  at all in that many steps, with a far stronger signal than the generative loss gives it.
+  binary cross-entropy, the optimizer of config.train. Whether this architecture can learn to read
+  the findings from these tokens at all in that many steps, with a far stronger signal than the
+  generative loss gives it.
 
 A model whose image->report findings are no better than guessing while ``tokens`` is high has not
 learned to read the image (not: the tokenizer lost the finding).

@@ -47,15 +47,14 @@ def finding_reading_scores(scores, candidate_labels) -> np.ndarray:
   return result
 
 
-def masked_report_log_probs(trainer, params, split, batch_size: int = 64) -> np.ndarray:
-  """(N, T, V) log-probabilities at the report positions, the report fully masked, the image given."""
+def masked_report_scores(trainer, params, inputs, candidate_texts, batch_size: int = 64) -> np.ndarray:
+  """(N, M) ``report_scores`` of the candidate reports for the token rows ``inputs`` (report fully
+  masked, image given), a batch at a time so that no (N, T, V) array is held."""
   import jax
   import jax.numpy as jnp
 
   from medim_jax.diffusion import loss as loss_lib
-  from medim_jax.diffusion import sampler as sampler_lib
   layout = trainer.layout
-  inputs = sampler_lib.task_inputs("image_to_report", split.tokens, split.prompt_length, layout)
   apply = jax.jit(lambda p, x, s: loss_lib.subs_log_probs(trainer.model.apply(p, x, s), layout))
   sigma = np.full((batch_size,), float(trainer.schedule.sigma(jnp.float32(1.0))), np.float32)
   out = []
@@ -63,7 +62,7 @@ def masked_report_log_probs(trainer, params, split, batch_size: int = 64) -> np.
     for start in range(0, len(inputs), batch_size):
       rows = inputs[start:start + batch_size]
       log_probs = apply(params, jnp.asarray(rows), jnp.asarray(sigma[:len(rows)]))
-      out.append(np.asarray(log_probs[:, layout.text_slice]))
+      out.append(report_scores(np.asarray(log_probs[:, layout.text_slice]), candidate_texts))
   return np.concatenate(out)
 
 
@@ -123,6 +122,7 @@ def probe(config, workdir: str, dataset_name: str = "chest", seed: int = 0,
   """{"tokens", "real images", "model"[, "transformer on labels"]}: AUC per finding on validation."""
   from medim_jax import evaluate, sample, train
   from medim_jax.data import base as data_base
+  from medim_jax.diffusion import sampler as sampler_lib
   from medim_jax.evaluation import clinical, ground_truth
 
   dataset = data_base.build_dataset(config, workdir)
@@ -152,18 +152,18 @@ def probe(config, workdir: str, dataset_name: str = "chest", seed: int = 0,
         steps=config.eval.classifier_steps, progress_bar=False)
     result[name] = dict(zip(findings, clinical.auc_per_finding(
         classifier.predict(np.asarray(val_images, np.uint8)), val_ref.labels).tolist()))
-  scores = report_scores(masked_report_log_probs(trainer, params, val_split),
-                         train_split.tokens[:, dataset.layout.text_slice])
+  masked = lambda split: sampler_lib.task_inputs("image_to_report", split.tokens,
+                                                 split.prompt_length, dataset.layout)
+  val_inputs = masked(val_split)
+  scores = masked_report_scores(trainer, params, val_inputs,
+                                train_split.tokens[:, dataset.layout.text_slice])
   reading = finding_reading_scores(scores, train_ref.labels)
   aucs = clinical.auc_per_finding(np.nan_to_num(reading), val_ref.labels)
   aucs[np.isnan(reading).any(axis=0)] = np.nan  # no training report with (or without) the finding
   result["model"] = dict(zip(findings, aucs.tolist()))
   if label_steps:
-    from medim_jax.diffusion import sampler as sampler_lib
-    masked = lambda split: sampler_lib.task_inputs("image_to_report", split.tokens,
-                                                   split.prompt_length, dataset.layout)
     logits = train_on_labels(trainer, dataset.image_tokenizer, masked(train_split), train_ref.labels,
-                             masked(val_split), label_steps, seed)
+                             val_inputs, label_steps, seed)
     result["transformer on labels"] = dict(zip(findings, clinical.auc_per_finding(
         logits, val_ref.labels).tolist()))
   return result

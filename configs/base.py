@@ -121,6 +121,10 @@ def get_config(arg=None):
   # first num_layers layers and embedding rows; AdaLN and the timestep MLP start fresh.
   config.model.pretrained_dir = ""
   config.model.pretrained_image_token_offset = -1  # checkpoint row of image code 0 (Liquid: 256000)
+  # Comma-separated finding names ("" = none, as the original): adds a finding head trained by the
+  # auxiliary finding loss (diffusion.finding_loss_weight) on the examples whose dataset's
+  # labels.jsonl has these findings (medim-demo chest: cardiomegaly, pleural_effusion, ...).
+  config.model.finding_names = ""
 
   # Diffusion: forward process and loss.
   config.diffusion = ml_collections.ConfigDict()
@@ -134,6 +138,7 @@ def get_config(arg=None):
   config.diffusion.loss_weighting = "elbo"  # elbo: -alpha'/(1-alpha) (paper) | flat: plain masked CE
   config.diffusion.text_loss_weight = 1.0
   config.diffusion.image_loss_weight = 1.0
+  config.diffusion.finding_loss_weight = 1.0  # the finding loss (with model.finding_names) is added x this
 
   # Devices: a (data, fsdp, tensor) mesh; one axis may be -1 (the devices the others leave).
   config.mesh = ml_collections.ConfigDict()

@@ -50,6 +50,12 @@ class Model:
   def apply(self, params, tokens, sigma, key_mask=None):
     return nnx.merge(self.graphdef, params)(tokens, sigma, key_mask)
 
+  def apply_with_findings(self, params, tokens, sigma, key_mask=None):
+    """(token logits, finding logits (B, L, num_findings)) from one pass."""
+    module = nnx.merge(self.graphdef, params)
+    hidden = module.hidden(tokens, sigma, key_mask)
+    return module.logits(hidden), module.findings(hidden)
+
 
 def make_optimizer(train_config):
   learning_rate = optax.warmup_cosine_decay_schedule(
@@ -71,10 +77,14 @@ class Trainer:
   axes, the rest replicated); batches are split over the mesh's data and fsdp axes.
   """
 
-  def __init__(self, config, layout: TokenLayout, devices=None):
-    """``devices``: the mesh's devices when not jax.devices() (ahead-of-time compilation)."""
+  def __init__(self, config, layout: TokenLayout, devices=None, finding_positive_weight=None):
+    """``devices``: the mesh's devices when not jax.devices() (ahead-of-time compilation).
+    ``finding_positive_weight`` (K,): with a finding head, the positive weights of the finding
+    loss (data/finding_labels.py); batches with ``finding_labels`` then train the head."""
     self.config, self.layout = config, layout
     self.model = Model(config, layout)
+    self.finding_positive_weight = (None if finding_positive_weight is None else
+                                    jnp.asarray(finding_positive_weight, jnp.float32))
     self.schedule = schedules.get_schedule(config.diffusion.schedule, config.diffusion.eps)
     self.task_mix = corruption.TaskMix.from_config(config.diffusion)
     self.modality_weights = (config.diffusion.text_loss_weight, config.diffusion.image_loss_weight)
@@ -175,9 +185,25 @@ class Trainer:
                                    self.config.diffusion.time_warp)
     corrupted = corruption.corrupt(mask_key, tokens, batch["valid"], batch["prompt_length"], t,
                                    self.schedule, self.layout, self.task_mix)
-    logits = self.model.apply(params, corrupted.noisy, self.schedule.sigma(t), batch["valid"])
-    return loss_lib.diffusion_loss(logits, tokens, corrupted, t, self.schedule, self.layout,
-                                   self.modality_weights, self.config.diffusion.loss_weighting)
+    sigma = self.schedule.sigma(t)
+    trains_findings = self.model.config.num_findings > 0 and "finding_labels" in batch
+    if trains_findings:
+      logits, finding_logits = self.model.apply_with_findings(params, corrupted.noisy, sigma,
+                                                              batch["valid"])
+    else:
+      logits = self.model.apply(params, corrupted.noisy, sigma, batch["valid"])
+    loss, metrics = loss_lib.diffusion_loss(
+        logits, tokens, corrupted, t, self.schedule, self.layout, self.modality_weights,
+        self.config.diffusion.loss_weighting)
+    if trains_findings:
+      if self.finding_positive_weight is None:
+        raise ValueError("a batch with finding labels needs Trainer(finding_positive_weight=...)")
+      finding, finding_metrics = loss_lib.finding_loss(
+          finding_logits, batch["finding_labels"], batch["finding_known"], corrupted, self.layout,
+          self.finding_positive_weight)
+      loss = loss + self.config.diffusion.finding_loss_weight * finding
+      metrics = {**metrics, **finding_metrics, "loss": loss}
+    return loss, metrics
 
   def _train_step(self, state: TrainState, batch):
     key = jax.random.fold_in(state.rng, state.step)
@@ -269,9 +295,22 @@ def _should_sync_every_step(setting: str) -> bool:
 
 
 def _format(metrics: dict[str, float]) -> str:
-  keys = ("loss", "text_loss", "image_loss", "text_accuracy", "image_accuracy", "learning_rate",
-          "steps_per_s", "tokens_per_s")
+  keys = ("loss", "text_loss", "image_loss", "finding_loss", "text_accuracy", "image_accuracy",
+          "learning_rate", "steps_per_s", "tokens_per_s")
   return " ".join(f"{k}={metrics[k]:.4g}" for k in keys if k in metrics)
+
+
+def finding_labels_for(config, dataset):
+  """The data's finding labels (data/finding_labels.py) when the model has a finding head
+  (config.model.finding_names), else None."""
+  names = transformer.finding_names(config.model)
+  if not names:
+    return None
+  if not hasattr(dataset, "finding_labels"):
+    raise errors.InputError(f"config.model.finding_names ({', '.join(names)}) needs labelled "
+                            f"shards (data.name medim_demo or folders with labels.jsonl); "
+                            f"data.name={config.data.name!r} has none")
+  return dataset.finding_labels(names)
 
 
 def train_and_evaluate(config, workdir: str, dataset: data_base.PairedDataset | None = None,
@@ -283,10 +322,14 @@ def train_and_evaluate(config, workdir: str, dataset: data_base.PairedDataset | 
   """
   dataset = dataset or data_base.build_dataset(config, workdir)
   train_cfg = config.train
-  trainer = Trainer(config, dataset.layout)
+  finding_labels = finding_labels_for(config, dataset)
+  with_labels = (lambda batch: batch) if finding_labels is None else finding_labels
+  trainer = Trainer(config, dataset.layout, finding_positive_weight=(
+      None if finding_labels is None else finding_labels.positive_weight))
   watch = loss_watch.LossWatch.from_config(train_cfg)
   data_iter = dataset.train_iterator(train_cfg.batch_size, config.seed)
-  eval_batches = dataset.eval_batches(train_cfg.batch_size, train_cfg.num_eval_batches)
+  eval_batches = [with_labels(b) for b in dataset.eval_batches(train_cfg.batch_size,
+                                                               train_cfg.num_eval_batches)]
   checkpointer = checkpointing.Checkpointer(os.path.join(workdir, "checkpoints"),
                                             train_cfg.max_checkpoints_to_keep,
                                             train_cfg.keep_checkpoint_period,
@@ -319,7 +362,7 @@ def train_and_evaluate(config, workdir: str, dataset: data_base.PairedDataset | 
   try:
     with preemption.StopRequests() as stop_requests:
       for step in range(first_step + 1, train_cfg.num_steps + 1):
-        state, metrics = trainer.train_step(state, next(data_iter))
+        state, metrics = trainer.train_step(state, with_labels(next(data_iter)))
         unread.append((step, metrics))
         window_steps += 1
         if sync:

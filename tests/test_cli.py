@@ -72,7 +72,8 @@ def test_main_job_runs_every_stage_on_folders_then_reuses_them(tmp_path):
             f"--config.data.datasets.chest.test={tmp_path / 'xray_test'}",
             f"--config.data.datasets.pathology.train={tmp_path / 'slides'}",
             f"--config.data.datasets.pathology.test={tmp_path / 'slides_test'}",
-            "--config.data.val_fraction=0.2", "--config.eval.report_metrics=False"]
+            "--config.data.val_fraction=0.2", "--config.eval.report_metrics=False",
+            "--config.model.finding_names=nodule,opacity"]
   result = run_main(*common, "--mode", "all")
   assert result.returncode == 0, result.stderr[-3000:]
   assert "VQ tokenizer saved" in result.stdout and "Shards written to" in result.stdout
@@ -80,6 +81,8 @@ def test_main_job_runs_every_stage_on_folders_then_reuses_them(tmp_path):
   assert manifest["tokenizers"]["image_tokenizer"]["fingerprint"].startswith("vq:")
   metrics = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
   assert any(m["split"] == "train" and m["step"] == 4 for m in metrics)
+  logged = [m for m in metrics if m["split"] in ("train", "eval")]
+  assert all("finding_loss" in m for m in logged) and any(m["finding_loss"] > 0 for m in logged)
 
   results = json.loads((workdir / "eval" / "metrics.json").read_text(),  # strict JSON: no NaN
                        parse_constant=lambda name: pytest.fail(f"metrics.json holds {name}"))

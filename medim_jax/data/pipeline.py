@@ -191,6 +191,15 @@ class ShardDataset:
                  self.finding_oversample * len(with_finding)),
                 (without, "without findings", len(without)))]
 
+  def finding_labels(self, names):
+    """Every example's labels for ``names`` (data/finding_labels.py), by example id."""
+    from medim_jax.data import finding_labels
+    if len(self.directories) != 1:
+      raise errors.InputError(f"config.model.finding_names needs one shards directory (example ids "
+                              f"are per directory); data.shards_dir names {len(self.directories)}")
+    directory = self.directories[0]
+    return finding_labels.FindingLabels.from_shards(directory, self.manifests[directory], names)
+
   def train_iterator(self, batch_size: int, seed: int) -> BatchIterator:
     import jax
     sources = self.sources("train")

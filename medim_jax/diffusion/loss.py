@@ -66,3 +66,26 @@ def diffusion_loss(logits: jax.Array, tokens: jax.Array, corruption: Corruption,
     metrics[f"{name}_loss"] = (weighted * in_modality).sum() / terms
     metrics[f"{name}_accuracy"] = (correct & in_modality).sum() / masked
   return loss, metrics
+
+
+def finding_loss(finding_logits: jax.Array, labels: jax.Array, known: jax.Array,
+                 corruption: Corruption, layout: TokenLayout, positive_weight: jax.Array):
+  """The auxiliary finding loss (not in the original): every masked report position of an example
+  whose image is whole and whose labels are known predicts the example's findings.
+
+  The generative loss gives a backbone trained from scratch little reason to read the image (a
+  finding is one or two of a report's tokens); this puts what the image shows into the report
+  positions' hidden states, where the token head can use it. Per position and finding the binary
+  cross-entropy ``-(w_k y log s(z) + (1 - y) log s(-z))``, averaged over findings and positions.
+  finding_logits (B, L, K), labels (B, K) in {0, 1}, known (B,) bool, positive_weight (K,).
+  Returns (loss, metrics).
+  """
+  modality = jnp.asarray(layout.modality())[None, :]
+  image_whole = ~(corruption.is_masked & (modality == IMAGE)).any(axis=1)
+  positions = corruption.is_masked & (modality == TEXT) & (known & image_whole)[:, None]
+  y = labels[:, None, :]
+  per_finding = -(positive_weight * y * jax.nn.log_sigmoid(finding_logits)
+                  + (1.0 - y) * jax.nn.log_sigmoid(-finding_logits))
+  count = positions.sum()
+  loss = (per_finding.mean(axis=-1) * positions).sum() / jnp.maximum(count, 1)
+  return loss, {"finding_loss": loss, "finding_positions": count.astype(jnp.float32)}

@@ -9,6 +9,9 @@ validation split of a labelled dataset (medim-demo's chest part), each as an AUC
   by the summed log-probability of its tokens under it, and an image's reading score for a finding
   is the mean score of the training reports with the finding minus that of the reports without.
   Its AUC is 0.5 when the image does not move the model's reports towards that finding.
+* ``finding head`` (a model with config.model.finding_names): the finding head's logits, report
+  fully masked and image given, averaged over the report positions: what the auxiliary finding loss
+  taught the report positions to see.
 * ``transformer on labels`` (with ``label_steps`` > 0): the same architecture, freshly initialised
   as the config says, trained on the labels directly: the logits of text ids 0..K-1 at the first
   report position (report masked, image given) as K finding logits, the classifier's weighted
@@ -66,6 +69,20 @@ def masked_report_scores(trainer, params, inputs, candidate_texts, batch_size: i
   return np.concatenate(out)
 
 
+def finding_head_scores(trainer, params, inputs, batch_size: int = 64) -> np.ndarray:
+  """(N, K): the finding head's logits averaged over the report positions of ``inputs`` (report
+  fully masked, image given), for a model with config.model.finding_names."""
+  import jax
+  import jax.numpy as jnp
+  text = trainer.layout.text_slice
+  sigma = float(trainer.schedule.sigma(jnp.float32(1.0)))
+  head = jax.jit(lambda p, x: trainer.model.apply_with_findings(
+      p, x, jnp.full((x.shape[0],), sigma, jnp.float32))[1][:, text].mean(axis=1))
+  with jax.set_mesh(trainer.mesh):
+    return np.concatenate([np.asarray(head(params, jnp.asarray(inputs[i:i + batch_size])))
+                           for i in range(0, len(inputs), batch_size)])
+
+
 def train_on_labels(trainer, image_tokenizer, inputs, labels, val_inputs, steps: int, seed: int = 0,
                     batch_size: int = 32, max_positive_weight: float = 20.0) -> np.ndarray:
   """A fresh model of ``trainer``'s config trained as a finding classifier on token rows ``inputs``
@@ -119,11 +136,13 @@ def train_on_labels(trainer, image_tokenizer, inputs, labels, val_inputs, steps:
 
 def probe(config, workdir: str, dataset_name: str = "chest", seed: int = 0,
           label_steps: int = 0) -> dict:
-  """{"tokens", "real images", "model"[, "transformer on labels"]}: AUC per finding on validation."""
+  """{"tokens", "real images", "model"[, "finding head"][, "transformer on labels"]}: AUC per
+  finding on validation."""
   from medim_jax import evaluate, sample, train
   from medim_jax.data import base as data_base
   from medim_jax.diffusion import sampler as sampler_lib
   from medim_jax.evaluation import clinical, ground_truth
+  from medim_jax.models import transformer
 
   dataset = data_base.build_dataset(config, workdir)
   trainer = train.Trainer(config, dataset.layout)
@@ -161,6 +180,12 @@ def probe(config, workdir: str, dataset_name: str = "chest", seed: int = 0,
   aucs = clinical.auc_per_finding(np.nan_to_num(reading), val_ref.labels)
   aucs[np.isnan(reading).any(axis=0)] = np.nan  # no training report with (or without) the finding
   result["model"] = dict(zip(findings, aucs.tolist()))
+  if trainer.model.config.num_findings:
+    head = finding_head_scores(trainer, params, val_inputs)
+    names = transformer.finding_names(config.model)
+    result["finding head"] = {f: float(clinical.auc_per_finding(
+        head[:, [names.index(f)]], np.asarray(val_ref.labels)[:, [k]])[0]) if f in names else np.nan
+        for k, f in enumerate(findings)}
   if label_steps:
     logits = train_on_labels(trainer, dataset.image_tokenizer, masked(train_split), train_ref.labels,
                              val_inputs, label_steps, seed)
@@ -181,6 +206,7 @@ def print_probe(config, workdir: str, label_steps: int) -> None:
   for row, label in (("real images", "classifier trained on real images"),
                      ("tokens", "classifier trained on reconstructions"),
                      ("model", "the model's masked-report reading"),
+                     ("finding head", "its finding head (finding_names)"),
                      ("transformer on labels", f"its architecture on labels, {label_steps} steps")):
     if row not in result:
       continue

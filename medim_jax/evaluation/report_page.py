@@ -91,7 +91,7 @@ def loss_curves(workdir: str) -> str:
     return NO_PLOTS
   panels = []
   for path, title, keys in ((os.path.join(workdir, "metrics.jsonl"), "MeDiM training",
-                             ("loss", "text_loss", "image_loss")),
+                             ("loss", "text_loss", "image_loss", "finding_loss")),
                             (os.path.join(workdir, "vq", "metrics.jsonl"), "VQ tokenizer",
                              ("l1", "l2", "psnr"))):
     if os.path.exists(path):

@@ -60,6 +60,9 @@ class TransformerConfig:
   # Off for a pretrained Gemma backbone (it has none); a model trained from scratch learns image
   # geometry much faster with it than from rotary offsets to the markers alone.
   learned_positions: int = 0
+  # > 0 adds a finding head: that many logits per position from the final hidden states, trained
+  # by the auxiliary finding loss (diffusion/loss.py) where the data has labels. Not in the original.
+  num_findings: int = 0
 
   def __post_init__(self):
     if self.num_heads % self.num_kv_heads:
@@ -76,12 +79,13 @@ class TransformerConfig:
   @classmethod
   def from_config(cls, model_config, vocab_size: int,
                   segment_lengths: tuple[int, ...]) -> "TransformerConfig":
-    derived = {"vocab_size", "segment_lengths", "learned_positions"}
+    derived = {"vocab_size", "segment_lengths", "learned_positions", "num_findings"}
     fields = {f.name for f in dataclasses.fields(cls)} - derived
     segments = tuple(segment_lengths) if model_config.segment_markers else ()
     length = sum(segment_lengths) + len(segments)
     return cls(vocab_size=vocab_size, segment_lengths=segments,
                learned_positions=length if model_config.learned_position_embedding else 0,
+               num_findings=len(finding_names(model_config)),
                **{k: model_config[k] for k in fields if k in model_config})
 
   @property
@@ -161,8 +165,14 @@ class Block(nnx.Module):
     return h + gate_m * self.mlp(self.mlp_norm(h) * (1 + scale_m) + shift_m, dtype)
 
 
+def finding_names(model_config) -> tuple[str, ...]:
+  """config.model.finding_names ("a,b,c") as a tuple; empty: no finding head."""
+  return tuple(n.strip() for n in model_config.get("finding_names", "").split(",") if n.strip())
+
+
 class MeDiMTransformer(nnx.Module):
-  """Noisy tokens (B, L) + sigma (B,) -> float32 logits (B, L, vocab_size)."""
+  """Noisy tokens (B, L) + sigma (B,) -> float32 logits (B, L, vocab_size); with a finding head,
+  ``findings(hidden(...))`` gives (B, L, num_findings) finding logits from the same pass."""
 
   def __init__(self, cfg: TransformerConfig, *, rngs: nnx.Rngs):
     self.cfg = cfg
@@ -187,6 +197,8 @@ class MeDiMTransformer(nnx.Module):
     self.lm_head = (None if cfg.tie_embeddings else
                     layers.normal_param(rngs, (cfg.d_model, cfg.vocab_size), cfg.init_std,
                                         ("embed", "vocab")))
+    self.finding_head = (layers.normal_param(rngs, (cfg.d_model, cfg.num_findings), cfg.init_std,
+                                             ("embed", "findings")) if cfg.num_findings else None)
 
   def embed(self, tokens: jax.Array) -> jax.Array:
     dtype = self.cfg.compute_dtype
@@ -218,6 +230,21 @@ class MeDiMTransformer(nnx.Module):
   def __call__(self, tokens: jax.Array, sigma: jax.Array,
                key_mask: jax.Array | None = None) -> jax.Array:
     """tokens (B, L) int, sigma (B,) float, key_mask (B, L) bool of keys to attend (None: all)."""
+    return self.logits(self.hidden(tokens, sigma, key_mask))
+
+  def logits(self, hidden: jax.Array) -> jax.Array:
+    head = self.embedding[...].T if self.lm_head is None else self.lm_head[...]
+    return jnp.dot(hidden, head.astype(hidden.dtype), preferred_element_type=jnp.float32)
+
+  def findings(self, hidden: jax.Array) -> jax.Array:
+    if self.finding_head is None:
+      raise ValueError("this model has no finding head (config.model.finding_names is empty)")
+    return jnp.dot(hidden, self.finding_head[...].astype(hidden.dtype),
+                   preferred_element_type=jnp.float32)
+
+  def hidden(self, tokens: jax.Array, sigma: jax.Array,
+             key_mask: jax.Array | None = None) -> jax.Array:
+    """The final-normed hidden states (B, L, d_model) both heads read."""
     dtype = self.cfg.compute_dtype
     cond = self.time_embedder(sigma, dtype)
     x = self.embed(tokens)
@@ -240,9 +267,7 @@ class MeDiMTransformer(nnx.Module):
         x = run_block(block, x, cond, positions, key_mask)
     if self.markers is not None:
       x = self._remove_markers(x)
-    x = self.final_norm(x)
-    head = self.embedding[...].T if self.lm_head is None else self.lm_head[...]
-    return jnp.dot(x, head.astype(dtype), preferred_element_type=jnp.float32)
+    return self.final_norm(x)
 
 
 def count_params(params) -> int:

@@ -195,13 +195,17 @@ def layout_for(config, choice: str = "auto") -> TokenLayout:
 # Compilation and the report
 
 
-def abstract_batch(layout: TokenLayout, batch_size: int, mesh) -> dict:
-  """What the data pipeline yields, as shapes split over the mesh's batch axes."""
+def abstract_batch(layout: TokenLayout, batch_size: int, mesh, num_findings: int = 0) -> dict:
+  """What the data pipeline yields (with finding labels for a finding head), as shapes split over
+  the mesh's batch axes."""
   from medim_jax.parallel import sharding
   split = sharding.batch_sharding(mesh)
   rows, length = batch_size, layout.seq_length
   shapes = {"tokens": ((rows, length), np.int32), "valid": ((rows, length), np.bool_),
             "prompt_length": ((rows,), np.int32), "example_id": ((rows,), np.int32)}
+  if num_findings:
+    shapes.update(finding_labels=((rows, num_findings), np.float32),
+                  finding_known=((rows,), np.bool_))
   return {key: jax.ShapeDtypeStruct(shape, dtype, sharding=split)
           for key, (shape, dtype) in shapes.items()}
 
@@ -282,9 +286,11 @@ def compile_train_step(config, layout: TokenLayout, target: Target, devices,
   """Lower and compile Trainer's jitted step for ``devices``; nothing is allocated on them."""
   from medim_jax import train
   from medim_jax.models import transformer
-  trainer = train.Trainer(config, layout, devices=devices)
+  num_findings = len(transformer.finding_names(config.model))
+  trainer = train.Trainer(config, layout, devices=devices,
+                          finding_positive_weight=np.ones(num_findings, np.float32))
   state = trainer.abstract_state()
-  batch = abstract_batch(layout, config.train.batch_size, trainer.mesh)
+  batch = abstract_batch(layout, config.train.batch_size, trainer.mesh, num_findings)
   start = time.perf_counter()
   try:
     compiled = trainer._jit_train_step.lower(state, batch).compile()

@@ -61,6 +61,17 @@ def test_aot_compiles_the_sharded_train_step_and_reports_its_memory():
     aot.check_fits(report, "configs/smoke.py:tiny")
 
 
+def test_aot_compiles_the_step_of_a_model_with_a_finding_head_and_its_labelled_batch():
+  config = tiny_config()
+  target = aot.parse_target("", cpu_devices=8)
+  plain, _ = aot.compile_train_step(config, LAYOUT, target, aot.target_devices(target))
+  config.model.finding_names = "nodule,opacity,effusion"
+  report, _ = aot.compile_train_step(config, LAYOUT, target, aot.target_devices(target))
+  assert report.num_params == closed_form_param_count(config.model, LAYOUT) + 3 * config.model.d_model
+  rows_per_device = config.train.batch_size // 8  # split over data 2 x fsdp 4
+  assert report.batch_bytes - plain.batch_bytes == rows_per_device * (3 * 4 + 1)  # labels, known
+
+
 def test_targets_and_the_paper_layout():
   v5p = aot.parse_target("v5p-16", cpu_devices=8)
   assert (v5p.platform, v5p.num_devices, v5p.topology_name, v5p.device_memory_gib) == (

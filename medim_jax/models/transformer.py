@@ -234,12 +234,12 @@ class MeDiMTransformer(nnx.Module):
 
   def logits(self, hidden: jax.Array) -> jax.Array:
     head = self.embedding[...].T if self.lm_head is None else self.lm_head[...]
-    return jnp.dot(hidden, head.astype(hidden.dtype), preferred_element_type=jnp.float32)
+    return jnp.dot(hidden, head.astype(self.cfg.compute_dtype), preferred_element_type=jnp.float32)
 
   def findings(self, hidden: jax.Array) -> jax.Array:
     if self.finding_head is None:
       raise ValueError("this model has no finding head (config.model.finding_names is empty)")
-    return jnp.dot(hidden, self.finding_head[...].astype(hidden.dtype),
+    return jnp.dot(hidden, self.finding_head[...].astype(self.cfg.compute_dtype),
                    preferred_element_type=jnp.float32)
 
   def hidden(self, tokens: jax.Array, sigma: jax.Array,

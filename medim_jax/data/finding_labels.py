@@ -55,9 +55,8 @@ class FindingLabels:
           f"{shards_dir} has all of them in its dataset's labels.jsonl (datasets: "
           f"{', '.join(sorted(manifest['datasets']))}): name findings the labels have, or leave "
           "finding_names empty")
-    positives = labels[train_rows].sum(axis=0)
-    positive_weight = np.minimum((train_rows.sum() - positives) / np.maximum(positives, 1),
-                                 max_positive_weight).astype(np.float32)
+    from medim_jax.diffusion import loss as loss_lib
+    positive_weight = loss_lib.positive_weights(labels[train_rows], max_positive_weight)
     return cls(names, labels, known, positive_weight)
 
   def __call__(self, batch: dict) -> dict:
@@ -65,5 +64,5 @@ class FindingLabels:
     ids = np.asarray(batch["example_id"])
     inside = (ids >= 0) & (ids < len(self.labels))
     safe = np.where(inside, ids, 0)
-    return {**batch, "finding_labels": np.where(inside[:, None], self.labels[safe], 0.0).astype(np.float32),
-            "finding_known": inside & self.known[safe]}
+    labels = np.where(inside[:, None], self.labels[safe], 0.0).astype(np.float32)
+    return {**batch, "finding_labels": labels, "finding_known": inside & self.known[safe]}

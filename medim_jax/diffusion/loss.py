@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from medim_jax.diffusion.corruption import Corruption
 from medim_jax.diffusion.schedules import MaskingSchedule
@@ -68,6 +69,21 @@ def diffusion_loss(logits: jax.Array, tokens: jax.Array, corruption: Corruption,
   return loss, metrics
 
 
+def positive_weights(labels, max_weight: float = 20.0) -> np.ndarray:
+  """(K,) float32: each finding's negatives / positives over the label rows (N, K), capped at
+  ``max_weight``. Most examples have no finding, so its positives would otherwise barely count."""
+  labels = np.asarray(labels, np.float32)
+  positives = labels.sum(axis=0)
+  return np.minimum((len(labels) - positives) / np.maximum(positives, 1),
+                    max_weight).astype(np.float32)
+
+
+def weighted_bce(logits: jax.Array, labels: jax.Array, positive_weight: jax.Array) -> jax.Array:
+  """Elementwise weighted binary cross-entropy ``-(w y log s(z) + (1 - y) log s(-z))``."""
+  return -(positive_weight * labels * jax.nn.log_sigmoid(logits)
+           + (1.0 - labels) * jax.nn.log_sigmoid(-logits))
+
+
 def finding_loss(finding_logits: jax.Array, labels: jax.Array, known: jax.Array,
                  corruption: Corruption, layout: TokenLayout, positive_weight: jax.Array):
   """The auxiliary finding loss (not in the original): every masked report position of an example
@@ -75,17 +91,15 @@ def finding_loss(finding_logits: jax.Array, labels: jax.Array, known: jax.Array,
 
   The generative loss gives a backbone trained from scratch little reason to read the image (a
   finding is one or two of a report's tokens); this puts what the image shows into the report
-  positions' hidden states, where the token head can use it. Per position and finding the binary
-  cross-entropy ``-(w_k y log s(z) + (1 - y) log s(-z))``, averaged over findings and positions.
+  positions' hidden states, where the token head can use it. Per position and finding the
+  ``weighted_bce`` of the finding classifier, averaged over findings and positions.
   finding_logits (B, L, K), labels (B, K) in {0, 1}, known (B,) bool, positive_weight (K,).
   Returns (loss, metrics).
   """
   modality = jnp.asarray(layout.modality())[None, :]
   image_whole = ~(corruption.is_masked & (modality == IMAGE)).any(axis=1)
   positions = corruption.is_masked & (modality == TEXT) & (known & image_whole)[:, None]
-  y = labels[:, None, :]
-  per_finding = -(positive_weight * y * jax.nn.log_sigmoid(finding_logits)
-                  + (1.0 - y) * jax.nn.log_sigmoid(-finding_logits))
+  per_finding = weighted_bce(finding_logits, labels[:, None, :], positive_weight)
   count = positions.sum()
   loss = (per_finding.mean(axis=-1) * positions).sum() / jnp.maximum(count, 1)
   return loss, {"finding_loss": loss, "finding_positions": count.astype(jnp.float32)}

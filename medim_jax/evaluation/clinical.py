@@ -39,6 +39,7 @@ from flax import nnx, traverse_util
 from medim_jax import progress
 from medim_jax.data import folders
 from medim_jax.data.iu_reports import FINDINGS
+from medim_jax.diffusion import loss as loss_lib
 from medim_jax.evaluation import memorisation
 
 # ---------------------------------------------------------------------------------------------
@@ -337,9 +338,7 @@ def train_finding_classifier(images, labels, *, steps: int = 600, seed: int = 0,
   if images.dtype != np.uint8 or images.ndim != 4 or labels.shape != (len(images), len(findings)):
     raise ValueError(f"images must be uint8 [N, H, W, C] with one label row of {len(findings)} "
                      f"findings each; got {images.dtype} {images.shape} and labels {labels.shape}")
-  positives = labels.sum(axis=0)
-  positive_weight = jnp.asarray(np.minimum((len(labels) - positives) / np.maximum(positives, 1),
-                                           max_positive_weight), jnp.float32)
+  positive_weight = jnp.asarray(loss_lib.positive_weights(labels, max_positive_weight))
   model = FindingCNN(tuple(channels), labels.shape[1], rngs=nnx.Rngs(seed))
   graphdef, state = nnx.split(model)
   params = nnx.to_pure_dict(state)
@@ -348,10 +347,7 @@ def train_finding_classifier(images, labels, *, steps: int = 600, seed: int = 0,
 
   def loss_fn(params, x, y):
     logits = nnx.merge(graphdef, params)(standardise(x))
-    # Weighted binary cross-entropy: -(w y log p + (1 - y) log(1 - p)).
-    losses = -(positive_weight * y * jax.nn.log_sigmoid(logits)
-               + (1.0 - y) * jax.nn.log_sigmoid(-logits))
-    return losses.mean()
+    return loss_lib.weighted_bce(logits, y, positive_weight).mean()
 
   @jax.jit
   def train_step(params, opt_state, x, y):

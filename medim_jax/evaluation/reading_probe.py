@@ -93,12 +93,11 @@ def train_on_labels(trainer, image_tokenizer, inputs, labels, val_inputs, steps:
   import optax
 
   from medim_jax import progress
+  from medim_jax.diffusion import loss as loss_lib
   from medim_jax.train import make_optimizer
   labels = np.asarray(labels, np.float32)
   num_findings = labels.shape[1]
-  positives = labels.sum(axis=0)
-  positive_weight = jnp.asarray(np.minimum((len(labels) - positives) / np.maximum(positives, 1),
-                                           max_positive_weight), jnp.float32)
+  positive_weight = jnp.asarray(loss_lib.positive_weights(labels, max_positive_weight))
   sigma = float(trainer.schedule.sigma(jnp.float32(1.0)))
 
   def finding_logits(params, rows):
@@ -106,9 +105,7 @@ def train_on_labels(trainer, image_tokenizer, inputs, labels, val_inputs, steps:
     return logits[:, trainer.layout.text_slice.start, :num_findings]
 
   def loss_fn(params, rows, y):
-    logits = finding_logits(params, rows)
-    return -(positive_weight * y * jax.nn.log_sigmoid(logits)
-             + (1.0 - y) * jax.nn.log_sigmoid(-logits)).mean()
+    return loss_lib.weighted_bce(finding_logits(params, rows), y, positive_weight).mean()
 
   train_config = ml_collections.ConfigDict(trainer.config.train.to_dict())
   train_config.num_steps = steps  # the MeDiM run's optimizer, its schedule over these steps

@@ -287,8 +287,8 @@ def compile_train_step(config, layout: TokenLayout, target: Target, devices,
   from medim_jax import train
   from medim_jax.models import transformer
   num_findings = len(transformer.finding_names(config.model))
-  trainer = train.Trainer(config, layout, devices=devices,
-                          finding_positive_weight=np.ones(num_findings, np.float32))
+  trainer = train.Trainer(config, layout, devices=devices, finding_positive_weight=(
+      np.ones(num_findings, np.float32) if num_findings else None))
   state = trainer.abstract_state()
   batch = abstract_batch(layout, config.train.batch_size, trainer.mesh, num_findings)
   start = time.perf_counter()

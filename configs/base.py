@@ -135,6 +135,9 @@ def get_config(arg=None):
   config.diffusion.task_probs = ml_collections.ConfigDict(dict(
       joint=0.6, report_to_image=0.15, image_to_report=0.15, drop_report=0.05, drop_image=0.05))
   config.diffusion.keep_prompt_prob = 0.1  # joint task: keep the report's prompt clean
+  # report_to_image / image_to_report: the chance that the target segment is masked whole (t = 1),
+  # the state generation starts from; 0 is the original's forward process (diffusion/corruption.py).
+  config.diffusion.whole_target_prob = 0.0
   config.diffusion.loss_weighting = "elbo"  # elbo: -alpha'/(1-alpha) (paper) | flat: plain masked CE
   config.diffusion.text_loss_weight = 1.0
   config.diffusion.image_loss_weight = 1.0

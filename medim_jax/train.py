@@ -47,8 +47,11 @@ class Model:
     model = transformer.MeDiMTransformer(self.config, rngs=nnx.Rngs(seed))
     return nnx.to_pure_dict(nnx.state(model))
 
+  def bind(self, params) -> transformer.MeDiMTransformer:
+    return nnx.merge(self.graphdef, params)
+
   def apply(self, params, tokens, sigma, key_mask=None):
-    return nnx.merge(self.graphdef, params)(tokens, sigma, key_mask)
+    return self.bind(params)(tokens, sigma, key_mask)
 
   def apply_with_findings(self, params, tokens, sigma, key_mask=None):
     """(token logits, finding logits (B, L, num_findings)) from one pass."""
@@ -185,17 +188,19 @@ class Trainer:
                                    self.config.diffusion.time_warp)
     corrupted = corruption.corrupt(mask_key, tokens, batch["valid"], batch["prompt_length"], t,
                                    self.schedule, self.layout, self.task_mix)
+    t = corrupted.t  # whole-target rows (diffusion.whole_target_prob) are at t = 1
     sigma = self.schedule.sigma(t)
     trains_findings = self.model.config.num_findings > 0 and "finding_labels" in batch
-    if trains_findings:
-      logits, finding_logits = self.model.apply_with_findings(params, corrupted.noisy, sigma,
-                                                              batch["valid"])
-    else:
-      logits = self.model.apply(params, corrupted.noisy, sigma, batch["valid"])
-    loss, metrics = loss_lib.diffusion_loss(
-        logits, tokens, corrupted, t, self.schedule, self.layout, self.modality_weights,
+    module = self.model.bind(params)
+    hidden = module.hidden(corrupted.noisy, sigma, batch["valid"])
+    segment_logits = [module.logits(hidden[:, positions], (lo, hi))
+                      for positions, lo, hi in self.layout.segments()]
+    nll, best = loss_lib.segment_target_nll(segment_logits, tokens, self.layout)
+    loss, metrics = loss_lib.weighted_diffusion_loss(
+        nll, best, corrupted, t, self.schedule, self.layout, self.modality_weights,
         self.config.diffusion.loss_weighting)
     if trains_findings:
+      finding_logits = module.findings(hidden)
       if self.finding_positive_weight is None:
         raise ValueError("a batch with finding labels needs Trainer(finding_positive_weight=...)")
       finding, finding_metrics = loss_lib.finding_loss(

@@ -13,14 +13,38 @@ LAYOUT = helpers.LAYOUT
 SCHEDULE = schedules.LogLinearSchedule()
 
 
-def run_corrupt(task, batch=512, t=0.5, keep_prompt_prob=1.0, valid=None, seed=0):
-  probs = tuple(1.0 if name == task else 0.0 for name in corruption.TASKS)
+def run_corrupt(task, batch=512, t=0.5, keep_prompt_prob=1.0, valid=None, seed=0,
+                whole_target_prob=0.0):
+  probs = (tuple(1.0 if name == task else 0.0 for name in corruption.TASKS)
+           if isinstance(task, str) else task)
   tokens = jnp.asarray(helpers.random_tokens(np.random.default_rng(seed), batch))
   valid = jnp.ones(tokens.shape, bool) if valid is None else valid
   prompt = jnp.full((batch,), 2, jnp.int32)
   out = corruption.corrupt(jax.random.PRNGKey(seed), tokens, valid, prompt, jnp.full((batch,), t),
-                           SCHEDULE, LAYOUT, corruption.TaskMix(probs, keep_prompt_prob))
+                           SCHEDULE, LAYOUT,
+                           corruption.TaskMix(probs, keep_prompt_prob, whole_target_prob))
   return tokens, out
+
+
+def test_whole_target_rows_mask_the_whole_target_at_t_1_and_only_in_conditional_tasks():
+  mix = (0.5, 0.25, 0.25, 0.0, 0.0)  # joint, report_to_image, image_to_report
+  tokens, plain = run_corrupt(mix, t=0.3)
+  _, out = run_corrupt(mix, t=0.3, whole_target_prob=0.5)
+  np.testing.assert_array_equal(plain.t, np.full(512, 0.3, np.float32))
+  whole = np.asarray(out.t) == 1.0
+  assert 0.15 < whole.mean() < 0.35  # half of the conditional quarter + quarter
+  # A whole row has its target (the noised segment) masked everywhere; nothing else changes.
+  noised = np.asarray(out.noised)
+  assert (np.asarray(out.loss_mask)[whole] == noised[whole]).all()
+  assert (np.asarray(out.is_masked)[~whole] == np.asarray(plain.is_masked)[~whole]).all()
+  np.testing.assert_array_equal(out.noised, plain.noised)
+  # Joint rows are never moved: their noised region spans both segments.
+  joint = noised[:, LAYOUT.text_slice].any(1) & noised[:, LAYOUT.image_slice].any(1)
+  assert joint.any() and not whole[joint].any()
+  with pytest.raises(ValueError, match="whole_target_prob"):
+    config = type("C", (), {"task_probs": {"joint": 1.0}, "keep_prompt_prob": 0.1,
+                            "get": lambda self, k, d: 1.5})()
+    corruption.TaskMix.from_config(config)
 
 
 def test_report_to_image_keeps_the_report_and_noises_the_image_at_rate_t():
@@ -96,7 +120,7 @@ def test_loss_weight_is_the_schedules_weight_and_only_masked_positions_count():
   noised = jnp.ones(tokens.shape, bool)
   loss_mask = jnp.zeros(tokens.shape, bool).at[0, 1].set(True).at[0, 8].set(True)  # 1 text, 1 image
   c = corruption.Corruption(noisy=jnp.where(loss_mask, LAYOUT.mask_id, tokens), is_masked=loss_mask,
-                            noised=noised, loss_mask=loss_mask)
+                            noised=noised, loss_mask=loss_mask, t=jnp.array([0.25]))
   t = jnp.array([0.25])
   logits = jax.random.normal(jax.random.PRNGKey(0), (1, LAYOUT.seq_length, LAYOUT.vocab_size))
   uniform = jnp.zeros_like(logits)

@@ -23,7 +23,8 @@ def test_finding_loss_is_the_weighted_bce_over_masked_report_positions_of_whole_
                         [True, True, True, False],     # row 1: its image is partly masked -> no loss
                         [True, True, False, False]])   # row 2: labels unknown -> no loss
   corruption = Corruption(noisy=jnp.zeros((3, 4), jnp.int32), is_masked=jnp.asarray(is_masked),
-                          noised=jnp.asarray(is_masked), loss_mask=jnp.asarray(is_masked))
+                          noised=jnp.asarray(is_masked), loss_mask=jnp.asarray(is_masked),
+                          t=jnp.ones((3,)))
   weight = np.array([4.0, 1.0], np.float32)
   loss, metrics = loss_lib.finding_loss(jnp.asarray(z), jnp.asarray(labels), jnp.asarray(known),
                                         corruption, layout, jnp.asarray(weight))

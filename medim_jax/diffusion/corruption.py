@@ -11,6 +11,12 @@ masked, and which are noised at the schedule's rate:
 | ``drop_report``   | -                             | the report   | the image                   |
 | ``drop_image``    | -                             | the image    | the report                  |
 
+With ``whole_target_prob`` p > 0, a ``report_to_image`` or ``image_to_report`` example is, with
+probability p, moved to t = 1 and its whole target segment masked: the state generation starts
+from. IU reports state a finding twice (findings and impression), so in a partly masked report a
+masked finding word is often predictable from a visible one; only a whole-masked report makes the
+image the only source (not in the original).
+
 The two ``drop_*`` tasks teach the unconditional predictions that classifier-free guidance
 contrasts with (the original never trains them: its whole-modality masking is dead code).
 Only positions that the schedule masked carry loss; fully masked positions are conditioning
@@ -36,6 +42,7 @@ class TaskMix:
 
   probs: tuple[float, ...]
   keep_prompt_prob: float = 0.1
+  whole_target_prob: float = 0.0
 
   @classmethod
   def from_config(cls, cfg) -> "TaskMix":
@@ -47,7 +54,10 @@ class TaskMix:
     if min(probs) < 0 or abs(sum(probs) - 1.0) > 1e-6:
       raise ValueError(f"config.diffusion.task_probs must be non-negative and sum to 1, got "
                        f"{dict(zip(TASKS, probs))}")
-    return cls(probs=probs, keep_prompt_prob=float(cfg.keep_prompt_prob))
+    whole = float(cfg.get("whole_target_prob", 0.0))
+    if not 0.0 <= whole <= 1.0:
+      raise ValueError(f"config.diffusion.whole_target_prob must lie in [0, 1], got {whole}")
+    return cls(probs=probs, keep_prompt_prob=float(cfg.keep_prompt_prob), whole_target_prob=whole)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -56,10 +66,11 @@ class Corruption:
   is_masked: jax.Array   # (B, L) bool
   noised: jax.Array      # (B, L) bool: the positions the schedule acts on (the ELBO's terms)
   loss_mask: jax.Array   # (B, L) bool: noised and masked (the terms that carry loss)
+  t: jax.Array           # (B,) the time of each example's state (the given t, or 1 for a whole target)
 
 
 jax.tree_util.register_dataclass(
-    Corruption, data_fields=["noisy", "is_masked", "noised", "loss_mask"], meta_fields=[])
+    Corruption, data_fields=["noisy", "is_masked", "noised", "loss_mask", "t"], meta_fields=[])
 
 
 def corrupt(key: jax.Array, tokens: jax.Array, valid: jax.Array, prompt_length: jax.Array,
@@ -87,7 +98,13 @@ def corrupt(key: jax.Array, tokens: jax.Array, valid: jax.Array, prompt_length: 
   noised = valid & ~clean & ~forced
 
   draw = jax.random.uniform(mask_key, (batch, length)) < schedule.mask_rate(t)[:, None]
+  if task_mix.whole_target_prob > 0:
+    conditional = (task_is("report_to_image") | task_is("image_to_report"))[:, 0]
+    whole = conditional & jax.random.bernoulli(jax.random.fold_in(key, 1),
+                                               task_mix.whole_target_prob, (batch,))
+    draw = draw | whole[:, None]
+    t = jnp.where(whole, 1.0, t)
   loss_mask = noised & draw
   is_masked = loss_mask | (forced & valid)
   noisy = jnp.where(is_masked, layout.mask_id, tokens).astype(jnp.int32)
-  return Corruption(noisy=noisy, is_masked=is_masked, noised=noised, loss_mask=loss_mask)
+  return Corruption(noisy=noisy, is_masked=is_masked, noised=noised, loss_mask=loss_mask, t=t)

@@ -38,21 +38,51 @@ def subs_log_probs(logits: jax.Array, layout: TokenLayout) -> jax.Array:
   return jax.nn.log_softmax(restrict_logits(logits, layout), axis=-1)
 
 
+def target_nll(logits: jax.Array, tokens: jax.Array, layout: TokenLayout):
+  """From (B, L, V) logits: -log p(x0) per position under SUBS (B, L), and whether x0 has the
+  highest probability (B, L) bool."""
+  log_probs = subs_log_probs(logits, layout)
+  target = jnp.take_along_axis(log_probs, tokens[..., None], axis=-1)[..., 0]
+  return -target, target >= log_probs.max(axis=-1)
+
+
+def segment_target_nll(segment_logits, tokens: jax.Array, layout: TokenLayout):
+  """``target_nll`` from each segment's logits over its own modality's ids only (B, L_s, V_s),
+  in ``layout.segments()`` order: the same values without a (B, L, V) array or a softmax over ids
+  a position can never hold (the training step's head and loss cost about half as much)."""
+  nll, best = [], []
+  for logits, (positions, lo, _) in zip(segment_logits, layout.segments()):
+    target_logit = jnp.take_along_axis(logits, (tokens[:, positions] - lo)[..., None], axis=-1)[..., 0]
+    nll.append(jax.nn.logsumexp(logits, axis=-1) - target_logit)
+    best.append(target_logit >= logits.max(axis=-1))
+  return jnp.concatenate(nll, axis=1), jnp.concatenate(best, axis=1)
+
+
 def diffusion_loss(logits: jax.Array, tokens: jax.Array, corruption: Corruption, t: jax.Array,
                    schedule: MaskingSchedule, layout: TokenLayout,
                    modality_weights: tuple[float, float] = (1.0, 1.0), weighting: str = "elbo"):
+  """``weighted_diffusion_loss`` of (B, L, V) logits."""
+  nll, best = target_nll(logits, tokens, layout)
+  return weighted_diffusion_loss(nll, best, corruption, t, schedule, layout, modality_weights,
+                                 weighting)
+
+
+def weighted_diffusion_loss(nll: jax.Array, best: jax.Array, corruption: Corruption, t: jax.Array,
+                            schedule: MaskingSchedule, layout: TokenLayout,
+                            modality_weights: tuple[float, float] = (1.0, 1.0),
+                            weighting: str = "elbo"):
   """Weighted masked cross-entropy per ELBO term, with separate text and image metrics.
 
-  The loss is ``sum_masked w(t) * m_weight * -log p(x0) / #noised``: the NELBO per token of the
-  noised region (unmasked noised positions contribute 0 under SUBS). Returns (loss, metrics).
+  nll and best are ``target_nll``'s (B, L) arrays. The loss is
+  ``sum_masked w(t) * m_weight * -log p(x0) / #noised``: the NELBO per token of the noised region
+  (unmasked noised positions contribute 0 under SUBS). Accuracy counts a masked position whose x0
+  has the highest probability. Returns (loss, metrics).
   """
   if weighting not in LOSS_WEIGHTINGS:
     raise ValueError(f"loss weighting must be one of {LOSS_WEIGHTINGS}, got {weighting!r}")
-  log_probs = subs_log_probs(logits, layout)
-  nll = -jnp.take_along_axis(log_probs, tokens[..., None], axis=-1)[..., 0]  # (B, L)
   time_weight = schedule.weight(t) if weighting == "elbo" else jnp.ones_like(t)
   weighted = nll * time_weight[:, None] * corruption.loss_mask
-  correct = (jnp.argmax(log_probs, axis=-1) == tokens) & corruption.loss_mask
+  correct = best & corruption.loss_mask
 
   modality = jnp.asarray(layout.modality())[None, :]
   weight_per_position = jnp.where(modality == TEXT, modality_weights[TEXT], modality_weights[IMAGE])

@@ -7,9 +7,26 @@ mesh axes when the model is sharded.
 
 from __future__ import annotations
 
+import math
+
 import jax
 import jax.numpy as jnp
 from flax import nnx
+
+
+def contract(x: jax.Array, w: jax.Array, axes: int = 1) -> jax.Array:
+  """Contract the last ``axes`` axes of x with the first ``axes`` of w, as one 2-D matmul.
+
+  x (..., *in) and w (*in, *out) -> (..., *out). Flattening the leading axes first matters on
+  XLA:CPU: the weight gradient of a 3-D ``x @ w`` contracts over (batch, length) and XLA
+  materialises a transposed copy of both operands for it, where the 2-D form needs none.
+  """
+  inner = x.shape[x.ndim - axes:]
+  if tuple(w.shape[:axes]) != tuple(inner):
+    raise ValueError(f"cannot contract {x.shape} with {w.shape} over {axes} axes")
+  outer = w.shape[axes:]
+  flat = jnp.dot(x.reshape(-1, math.prod(inner)), w.reshape(math.prod(inner), -1))
+  return flat.reshape(*x.shape[:x.ndim - axes], *outer)
 
 
 def normal_param(rngs: nnx.Rngs, shape, std: float, logical_axes) -> nnx.Param:
@@ -27,7 +44,7 @@ class Dense(nnx.Module):
                  if use_bias else None)
 
   def __call__(self, x: jax.Array, dtype) -> jax.Array:
-    y = jnp.dot(x.astype(dtype), self.kernel[...].astype(dtype))
+    y = contract(x.astype(dtype), self.kernel[...].astype(dtype))
     if self.bias is not None:
       y = y + self.bias[...].astype(dtype)
     return y

@@ -106,9 +106,9 @@ class Attention(nnx.Module):
 
   def __call__(self, x: jax.Array, positions: jax.Array, key_mask: jax.Array | None) -> jax.Array:
     cfg, dtype = self.cfg, self.cfg.compute_dtype
-    q = jnp.einsum("bld,dhk->blhk", x, self.q[...].astype(dtype))
-    k = jnp.einsum("bld,dhk->blhk", x, self.k[...].astype(dtype))
-    v = jnp.einsum("bld,dhk->blhk", x, self.v[...].astype(dtype))
+    q = layers.contract(x, self.q[...].astype(dtype))
+    k = layers.contract(x, self.k[...].astype(dtype))
+    v = layers.contract(x, self.v[...].astype(dtype))
     q = layers.rotary_embedding(q, positions, cfg.rope_base)
     k = layers.rotary_embedding(k, positions, cfg.rope_base)
     if cfg.attention_impl == "jax_dot_product":
@@ -119,7 +119,7 @@ class Attention(nnx.Module):
       out = splash.splash_attention(q, k, v, key_mask)
     else:
       out = self._xla_attention(q, k, v, key_mask)
-    return jnp.einsum("blhk,hkd->bld", out, self.o[...].astype(dtype))
+    return layers.contract(out, self.o[...].astype(dtype), axes=2)
 
   def _xla_attention(self, q, k, v, key_mask):
     cfg = self.cfg
@@ -232,9 +232,20 @@ class MeDiMTransformer(nnx.Module):
     """tokens (B, L) int, sigma (B,) float, key_mask (B, L) bool of keys to attend (None: all)."""
     return self.logits(self.hidden(tokens, sigma, key_mask))
 
-  def logits(self, hidden: jax.Array) -> jax.Array:
-    head = self.embedding[...].T if self.lm_head is None else self.lm_head[...]
-    return jnp.dot(hidden, head.astype(self.cfg.compute_dtype), preferred_element_type=jnp.float32)
+  def logits(self, hidden: jax.Array, ids: tuple[int, int] | None = None) -> jax.Array:
+    """(..., d_model) -> float32 logits over the whole vocabulary, or over ids [lo, hi) only
+    (``ids=(lo, hi)``: what the loss needs of a segment whose positions hold only those ids)."""
+    dtype = self.cfg.compute_dtype
+    lo, hi = (0, self.cfg.vocab_size) if ids is None else ids
+    flat = hidden.reshape(-1, hidden.shape[-1])
+    if self.lm_head is None:
+      # Against the (V, d) embedding as stored: no transposed copy of it, nor of the
+      # (tokens, V) logits gradient in the backward pass.
+      out = jax.lax.dot_general(flat, self.embedding[...][lo:hi].astype(dtype), (((1,), (1,)), ((), ())),
+                                preferred_element_type=jnp.float32)
+    else:
+      out = jnp.dot(flat, self.lm_head[...][:, lo:hi].astype(dtype), preferred_element_type=jnp.float32)
+    return out.reshape(*hidden.shape[:-1], out.shape[-1])
 
   def findings(self, hidden: jax.Array) -> jax.Array:
     if self.finding_head is None:

@@ -80,6 +80,11 @@ class TokenLayout:
     hi = np.where(modality == TEXT, self.text_vocab_size, self.vocab_size).astype(np.int32)
     return lo, hi
 
+  def segments(self) -> tuple[tuple[slice, int, int], ...]:
+    """(positions, lo, hi) per modality: the positions of a segment hold only ids in [lo, hi)."""
+    return ((self.text_slice, 0, self.text_vocab_size),
+            (self.image_slice, self.image_offset, self.vocab_size))
+
   def join(self, text_ids, image_codes):
     """(B, text_length) text ids + (B, image_length) codes -> (B, seq_length) joint ids."""
     text_ids = np.asarray(text_ids, np.int32)

@@ -132,9 +132,10 @@ def train_on_labels(trainer, image_tokenizer, inputs, labels, val_inputs, steps:
 
 
 def probe(config, workdir: str, dataset_name: str = "chest", seed: int = 0,
-          label_steps: int = 0) -> dict:
+          label_steps: int = 0, step: int | None = None, classifiers: bool = True) -> dict:
   """{"tokens", "real images", "model"[, "finding head"][, "transformer on labels"]}: AUC per
-  finding on validation."""
+  finding on validation, of checkpoint ``step`` (None: the latest). ``classifiers=False`` leaves
+  out "tokens" and "real images" (they do not depend on the checkpoint)."""
   from medim_jax import evaluate, sample, train
   from medim_jax.data import base as data_base
   from medim_jax.diffusion import sampler as sampler_lib
@@ -143,7 +144,7 @@ def probe(config, workdir: str, dataset_name: str = "chest", seed: int = 0,
 
   dataset = data_base.build_dataset(config, workdir)
   trainer = train.Trainer(config, dataset.layout)
-  params, step = sample.load_sampling_params(config, workdir, trainer)
+  params, step = sample.load_sampling_params(config, workdir, trainer, step)
   shards_dir = dataset.directories[0]
   manifest, index = dataset.manifests[shards_dir], ground_truth.read_index(shards_dir)
 
@@ -161,8 +162,8 @@ def probe(config, workdir: str, dataset_name: str = "chest", seed: int = 0,
   result = {"checkpoint": step, "validation images": len(val_split),
             "positives": dict(zip(findings, np.asarray(val_ref.labels).sum(0).tolist()))}
   for name, train_images, val_images in (
-      ("tokens", train_split.images, val_split.images),
-      ("real images", train_ref.images, val_ref.images)):
+      (("tokens", train_split.images, val_split.images),
+       ("real images", train_ref.images, val_ref.images)) if classifiers else ()):
     classifier = clinical.train_finding_classifier(
         np.asarray(train_images, np.uint8), train_ref.labels, seed=seed, findings=findings,
         steps=config.eval.classifier_steps, progress_bar=False)

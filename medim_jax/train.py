@@ -60,16 +60,25 @@ class Model:
     return module.logits(hidden), module.findings(hidden)
 
 
+# Adam's first moment in bfloat16 halves its memory (2 bytes per parameter saved: 8.3 GB for the
+# paper model); the second moment and the params stay float32.
+MU_DTYPES = {"float32": None, "bfloat16": jnp.bfloat16}
+
+
 def make_optimizer(train_config):
   learning_rate = optax.warmup_cosine_decay_schedule(
       init_value=0.0, peak_value=train_config.learning_rate,
       warmup_steps=train_config.warmup_steps,
       decay_steps=max(train_config.num_steps, train_config.warmup_steps + 1),
       end_value=train_config.learning_rate * train_config.end_learning_rate_fraction)
+  mu_dtype = train_config.get("mu_dtype", "float32")
+  if mu_dtype not in MU_DTYPES:
+    raise errors.InputError(f"config.train.mu_dtype must be one of {sorted(MU_DTYPES)}, got "
+                            f"{mu_dtype!r}")
   tx = optax.chain(
       optax.clip_by_global_norm(train_config.grad_clip_norm),
       optax.adamw(learning_rate, b1=train_config.b1, b2=train_config.b2, eps=train_config.adam_eps,
-                  weight_decay=train_config.weight_decay))
+                  weight_decay=train_config.weight_decay, mu_dtype=MU_DTYPES[mu_dtype]))
   return tx, learning_rate
 
 
@@ -134,9 +143,6 @@ class Trainer:
         return jax.jit(lambda: self._new_state(seed, coordinates),
                        out_shardings=self.state_shardings)()
     from medim_jax.convert import hf_gemma
-    if self.model.config.scan_layers:
-      raise errors.InputError("config.model.pretrained_dir cannot be combined with "
-                              "config.model.scan_layers yet: the converter writes one block per layer")
     offset = self.config.model.pretrained_image_token_offset
     params = hf_gemma.load(pretrained, self.model.config, self.layout, seed=seed,
                            shardings=self.state_shardings.params,

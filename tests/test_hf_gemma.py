@@ -269,6 +269,36 @@ def test_sharded_load_matches_unsharded(checkpoint, loaded):
     np.testing.assert_array_equal(np.asarray(array), value)
 
 
+def test_scanned_layers_load_the_same_weights_stacked_and_give_the_same_logits(checkpoint, loaded):
+  cfg, params = loaded
+  scanned_cfg = our_config(scan_layers=True)
+  mesh = Mesh(np.array(jax.devices()[:2]), ("x",))
+  layer_split = NamedSharding(mesh, PartitionSpec("x"))  # each device reads only its layer
+  shardings = jax.tree.map(lambda _: NamedSharding(mesh, PartitionSpec()), params)
+  scanned_abstract = nnx.to_pure_dict(nnx.state(nnx.eval_shape(
+      lambda: transformer.MeDiMTransformer(scanned_cfg, rngs=nnx.Rngs(3)))))
+  shardings = {**shardings, "blocks": jax.tree.map(lambda _: layer_split, scanned_abstract["blocks"])}
+  scanned = hf_gemma.load(checkpoint, scanned_cfg, LAYOUT, seed=3, shardings=shardings,
+                          image_token_offset=IMAGE_ROWS)
+  for path, value in jax.tree_util.tree_leaves_with_path(scanned["blocks"]):
+    keys = tuple(k.key for k in path)
+    if keys[0] == "adaln":
+      continue  # fresh parameters: drawn per layer by the scanned init, not read
+    per_layer = [np.asarray(functools.reduce(lambda t, k: t[k], keys, params["blocks"][i]))
+                 for i in range(LAYERS)]
+    np.testing.assert_array_equal(np.asarray(value), np.stack(per_layer))
+  for name in ("embedding", "final_norm"):
+    jax.tree.map(np.testing.assert_array_equal, jax.tree.map(np.asarray, scanned[name]), params[name])
+  scanned = jax.tree.map(np.array, scanned)
+  scanned["blocks"]["adaln"]["kernel"][:] = 0.0
+  scanned["blocks"]["adaln"]["bias"][:] = 0.0
+  scanned["blocks"]["adaln"]["bias"][:, [2, 5]] = 1.0
+  tokens = sample_tokens()
+  np.testing.assert_allclose(our_logits(scanned_cfg, scanned, tokens),
+                             our_logits(cfg, open_adaln(jax.tree.map(np.copy, params)), tokens),
+                             rtol=1e-5, atol=1e-5)
+
+
 def test_single_file_without_index_or_prefix(tmp_path, loaded):
   """One model.safetensors as a bare GemmaModel saves it ("layers.0...", no "model." prefix)."""
   cfg, params = loaded

@@ -92,6 +92,23 @@ def test_ema_follows_the_params(dataset):
     np.testing.assert_allclose(np.asarray(got), expected, rtol=1e-6, atol=1e-7)
 
 
+def test_bfloat16_first_moment_keeps_the_steps_close_to_float32(dataset):
+  states = {}
+  for mu_dtype in ("float32", "bfloat16"):
+    trainer = train.Trainer(tiny_config(mu_dtype=mu_dtype, learning_rate=3e-3), dataset.layout)
+    state, batches = trainer.init_state(0), dataset.train_iterator(8, seed=0)
+    for _ in range(3):
+      state, _ = trainer.train_step(state, next(batches))
+    states[mu_dtype] = state
+  mu = lambda state: jax.tree.leaves(state.opt_state[1][0].mu)
+  assert {x.dtype for x in mu(states["bfloat16"])} == {np.dtype("bfloat16")}
+  assert {x.dtype for x in jax.tree.leaves(states["bfloat16"].params)} == {np.dtype("float32")}
+  for a, b in zip(jax.tree.leaves(states["float32"].params), jax.tree.leaves(states["bfloat16"].params)):
+    np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-3)
+  with pytest.raises(errors.InputError, match="mu_dtype"):
+    train.make_optimizer(tiny_config(mu_dtype="float8").train)
+
+
 def test_checkpoint_round_trips_the_whole_train_state(dataset, tmp_path):
   config = tiny_config(ema_decay=0.5)
   trainer = train.Trainer(config, dataset.layout)

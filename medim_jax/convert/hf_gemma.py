@@ -333,6 +333,8 @@ def _readers(ckpt: Checkpoint, cfg: transformer.TransformerConfig, layout: Token
         block + ("attn_norm", "scale"): _vector(ckpt, layer + "input_layernorm.weight"),
         block + ("mlp_norm", "scale"): _vector(ckpt, layer + "post_attention_layernorm.weight"),
     })
+  if cfg.scan_layers:
+    readers = _stacked_layers(readers, cfg.num_layers)
   if ckpt.has("embed_tokens.weight"):
     expected["embed_tokens.weight"] = (ckpt.shape("embed_tokens.weight")[0], d)
   ckpt.check(expected)
@@ -353,6 +355,21 @@ def _readers(ckpt: Checkpoint, cfg: transformer.TransformerConfig, layout: Token
     readers[("lm_head",)] = _embedding_table(ckpt, head, sources, d, cfg.init_std, seed,
                                              stream=1, transpose=True)
   return readers
+
+
+def _stacked_layers(readers: dict[tuple, Callable], num_layers: int) -> dict[tuple, Callable]:
+  """Per-layer readers ("blocks", i, ...) -> readers of the scanned model's stacked leaves
+  ("blocks", ...) of shape (num_layers, ...): a device reads its layers' slices only."""
+  def stacked(per_layer):
+    def read(index, shape):
+      layers = range(*index[0].indices(shape[0]))
+      return np.stack([per_layer[i](index[1:], shape[1:]) for i in layers])
+    return read
+
+  result = {path: read for path, read in readers.items() if path[0] != "blocks"}
+  for rest in {path[2:] for path in readers if path[0] == "blocks"}:
+    result[("blocks",) + rest] = stacked([readers[("blocks", i) + rest] for i in range(num_layers)])
+  return result
 
 
 def _path(key_path) -> tuple:

@@ -210,9 +210,10 @@ def abstract_batch(layout: TokenLayout, batch_size: int, mesh, num_findings: int
           for key, (shape, dtype) in shapes.items()}
 
 
-def state_copies(config) -> dict[str, int]:
-  """f32 copies of the parameters the train state holds: params, Adam's two moments, EMA if on."""
-  copies = {"params": 1, "adam_moments": 2}
+def state_copies(config) -> dict[str, float]:
+  """f32 copies of the parameters the train state holds: params, Adam's two moments (a bfloat16
+  first moment is half a copy), EMA if on."""
+  copies = {"params": 1, "adam_moments": 1.5 if config.train.get("mu_dtype") == "bfloat16" else 2}
   if config.train.ema_decay > 0:
     copies["ema"] = 1
   return copies

@@ -85,6 +85,13 @@ def build_shape(name: str, model_overrides: dict, batch_size: int | None = None)
                          image_vocab_size=config.vq.codebook_size,
                          text_length=config.data.text_length, image_length=tokens_per_side ** 2)
     shape = Shape(name, config, layout, 10, "configs/demo.py as trained by `make demo`")
+  elif name == "tiny":  # configs/demo.py:tiny, for tests of the benchmarks themselves
+    config = demo_config.get_config("tiny")
+    config.model.image_embedding_init = "random"
+    layout = TokenLayout(text_vocab_size=config.data.text_vocab_size,
+                         image_vocab_size=config.data.image_codebook_size,
+                         text_length=config.data.text_length, image_length=16)
+    shape = Shape(name, config, layout, 2, "configs/demo.py:tiny (tests)")
   elif name in ("paper", "paper_cpu"):
     config = medim_liquid7b.get_config()
     note = "configs/medim_liquid7b.py"
@@ -95,7 +102,7 @@ def build_shape(name: str, model_overrides: dict, batch_size: int | None = None)
                + ", batch 1 (paper: 10 layers, d_model 3072, 16 heads, mlp 24576, batch 8)")
     shape = Shape(name, config, PAPER_LAYOUT, 3 if name == "paper_cpu" else 10, note)
   else:
-    raise ValueError(f"unknown shape {name!r}; choose from demo, paper, paper_cpu")
+    raise ValueError(f"unknown shape {name!r}; choose from demo, paper, paper_cpu, tiny")
   with shape.config.unlocked():
     shape.config.model.update({k: v for k, v in model_overrides.items() if v is not None})
     if batch_size:
@@ -366,8 +373,9 @@ class PythonLoopSampler:
 
 
 def bench_sampler(shape: Shape, steps: int, batch_size: int, repeats: int,
-                  peak_tflops: float | None) -> dict:
-  """Seconds per joint image+report pair: jitted sampler vs the Python loop (both variants)."""
+                  peak_tflops: float | None, python_loops: bool = True) -> dict:
+  """Seconds per joint image+report pair: jitted sampler vs the Python loop (both variants, unless
+  ``python_loops`` is False)."""
   config = shape.config
   trainer = train.Trainer(config, shape.layout)
   params = trainer.init_state(0).params
@@ -387,7 +395,7 @@ def bench_sampler(shape: Shape, steps: int, batch_size: int, repeats: int,
   methods = {
       "jitted": lambda: np.asarray(jitted(params, inputs, example_ids, seed, segment_steps).tokens),
   }
-  for name, jit_step in (("python_loop", False), ("python_loop_jitted_step", True)):
+  for name, jit_step in (("python_loop", False), ("python_loop_jitted_step", True))[:2 * python_loops]:
     loop = PythonLoopSampler(trainer.model.apply, shape.layout, trainer.schedule, sampler_config,
                              jit_step)
     methods[name] = (lambda loop: lambda: loop(params, inputs, example_ids, seed, segment_steps))(loop)
@@ -491,6 +499,8 @@ def print_train(results: list[dict]) -> None:
 def print_sampler(r: dict) -> None:
   rows = []
   for name in ("jitted", "python_loop", "python_loop_jitted_step"):
+    if name not in r:
+      continue
     m = r[name]
     peak = f"{m['fraction_of_peak'] * 100:.1f}%" if m["fraction_of_peak"] else "-"
     rows.append([name, f"{m['median_s']:.2f}", f"{m['min_s']:.2f}", f"{m['s_per_pair']:.3f}",

@@ -41,14 +41,21 @@ def unknown_overrides(argv: list[str]) -> list[str]:
   spec = next((a.split("=", 1)[1] for a in argv if a.startswith("--config=")), None)
   if spec is None and "--config" in argv[:-1]:
     spec = argv[argv.index("--config") + 1]
-  overrides = [a[len("--config."):].split("=", 1)[0] for a in argv if a.startswith("--config.")]
-  if spec is None or not overrides:
+  if spec is None:
     return []
-  known = flatten_keys(load_config(spec))
+  return unknown_keys(load_config(spec), argv, spec)
+
+
+def unknown_keys(config, argv: list[str], source: str) -> list[str]:
+  """Messages for every ``--config.KEY=VALUE`` of ``argv`` whose KEY ``config`` does not define."""
+  overrides = [a[len("--config."):].split("=", 1)[0] for a in argv if a.startswith("--config.")]
+  if not overrides:
+    return []
+  known = flatten_keys(config)
   messages = []
   for key in overrides:
     if key not in known:
       close = difflib.get_close_matches(key, known, n=3)
       hint = f"; did you mean {', '.join(close)}?" if close else ""
-      messages.append(f"unknown config key {key!r} in {spec}{hint}")
+      messages.append(f"unknown config key {key!r} in {source}{hint}")
   return messages

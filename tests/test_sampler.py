@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 import helpers
-from medim_jax.diffusion import sampler as sampler_lib, schedules
+from medim_jax.diffusion import loss as loss_lib, sampler as sampler_lib, schedules
 from medim_jax.tokenizers.vocab import IMAGE, TEXT
 
 LAYOUT = helpers.LAYOUT
@@ -116,6 +116,24 @@ def test_confidence_sampler_reveals_per_segment_on_its_own_schedule():
     assert set(text_steps.tolist()) == {2, 4}
     counts = np.bincount(image_steps, minlength=5)
     np.testing.assert_array_equal(np.cumsum(counts), np.round(9 * np.arange(1, 6) / 5))
+
+
+@pytest.mark.parametrize("strategy", sampler_lib.STRATEGIES)
+def test_reveal_prob_is_the_probability_the_model_gave_each_drawn_token(strategy):
+  """A model with fixed logits: the recorded probability of every generated token is its
+  restricted softmax probability; given tokens record NaN."""
+  logits = np.random.default_rng(0).normal(size=(LAYOUT.seq_length, LAYOUT.vocab_size)) * 2.0
+  fixed = lambda params, tokens, sigma, key_mask=None: jnp.broadcast_to(
+      jnp.asarray(logits, jnp.float32), tokens.shape + logits.shape[-1:])
+  expected = np.exp(np.asarray(loss_lib.subs_log_probs(jnp.asarray(logits)[None], LAYOUT))[0])
+  _, x = random_partial_mask(batch=4, seed=2)
+  out = make_sampler(fixed, strategy=strategy, cfg_scale=0.0)(PARAMS, x, np.arange(4), seed=3)
+  tokens, prob = np.asarray(out.tokens), np.asarray(out.reveal_prob)
+  given = x != LAYOUT.mask_id
+  assert np.isnan(prob[given]).all() and not np.isnan(prob[~given]).any()
+  rows, positions = np.nonzero(~given)
+  np.testing.assert_allclose(prob[rows, positions], expected[positions, tokens[rows, positions]],
+                             rtol=1e-5)
 
 
 def test_cumulative_reveal_fractions():

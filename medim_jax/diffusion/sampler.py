@@ -77,6 +77,8 @@ class SampleOutput:
   reveal_step: jax.Array     # (B, L) int32: loop step that revealed the position; -1 if given;
                              # num_steps if filled by the final argmax pass
   nonfinite_step: jax.Array  # (B,) int32: first step with a non-finite model output, -1 if none
+  reveal_prob: jax.Array     # (B, L) float32: the probability the (guided, tempered) distribution
+                             # gave the token when it was revealed; NaN where the token was given
 
 
 def cumulative_reveal_fraction(schedule: str, steps: int) -> np.ndarray:
@@ -223,7 +225,7 @@ class Sampler:
       return (step * s) // num_steps, ((step + 1) * s) // num_steps
 
     def body(step, carry):
-      x, reveal_step, nonfinite_step = carry
+      x, reveal_step, nonfinite_step, reveal_prob = carry
       t = jnp.full((batch,), 1.0 - step / num_steps * (1.0 - cfg.final_t), jnp.float32)
       masked = x == layout.mask_id
       log_probs, nonfinite = self._guided_log_probs(params, x, given, self._sigma(x, generate, t), t)
@@ -232,10 +234,10 @@ class Sampler:
       keys = example_keys(seed, example_ids, step)
       draw_keys, noise_keys = jnp.split(jax.vmap(jax.random.split)(keys), 2, axis=1)
       sampled = jax.vmap(jax.random.categorical)(draw_keys[:, 0], log_probs)  # (B, L)
+      chosen = jnp.take_along_axis(log_probs, sampled[..., None], axis=-1)[..., 0]
       noise_fn = jax.random.gumbel if cfg.strategy == "confidence" else jax.random.uniform
       noise = jax.vmap(lambda k: noise_fn(k, (length,)))(noise_keys[:, 0])
       if cfg.strategy == "confidence":
-        chosen = jnp.take_along_axis(log_probs, sampled[..., None], axis=-1)[..., 0]
         confidence = chosen + cfg.gumbel_scale * t[:, None] * noise
 
       reveal = jnp.zeros_like(masked)
@@ -256,24 +258,28 @@ class Sampler:
 
       x = jnp.where(reveal, sampled, x)
       reveal_step = jnp.where(reveal, step, reveal_step)
-      return x, reveal_step, nonfinite_step
+      reveal_prob = jnp.where(reveal, jnp.exp(chosen), reveal_prob)
+      return x, reveal_step, nonfinite_step, reveal_prob
 
-    init = (tokens, jnp.where(given, -1, num_steps).astype(jnp.int32), jnp.full((batch,), -1, jnp.int32))
-    x, reveal_step, nonfinite_step = jax.lax.fori_loop(0, num_steps, body, init)
+    init = (tokens, jnp.where(given, -1, num_steps).astype(jnp.int32), jnp.full((batch,), -1, jnp.int32),
+            jnp.full((batch, length), jnp.nan, jnp.float32))
+    x, reveal_step, nonfinite_step, reveal_prob = jax.lax.fori_loop(0, num_steps, body, init)
 
-    def final_fill(x, nonfinite_step):
+    def final_fill(x, nonfinite_step, reveal_prob):
       """Argmax at t ~ 0 for whatever is still masked (e.g. ancestral with alpha(0) < 1)."""
       t = jnp.full((batch,), cfg.final_t, jnp.float32)
       log_probs, nonfinite = self._guided_log_probs(params, x, given, self._sigma(x, generate, t), t)
       left = x == layout.mask_id
       nonfinite &= left.any(axis=1)  # only rows this pass fills: keeps rows batch-independent
       nonfinite_step = jnp.where(nonfinite & (nonfinite_step < 0), num_steps, nonfinite_step)
-      return jnp.where(left, jnp.argmax(log_probs, -1), x), nonfinite_step
+      best = jnp.argmax(log_probs, -1)
+      best_prob = jnp.exp(jnp.max(log_probs, -1))
+      return jnp.where(left, best, x), nonfinite_step, jnp.where(left, best_prob, reveal_prob)
 
-    x, nonfinite_step = jax.lax.cond(jnp.any(x == layout.mask_id), final_fill,
-                                     lambda x, n: (x, n), x, nonfinite_step)
+    x, nonfinite_step, reveal_prob = jax.lax.cond(
+        jnp.any(x == layout.mask_id), final_fill, lambda *carry: carry, x, nonfinite_step, reveal_prob)
     return SampleOutput(tokens=x.astype(jnp.int32), reveal_step=reveal_step,
-                        nonfinite_step=nonfinite_step)
+                        nonfinite_step=nonfinite_step, reveal_prob=reveal_prob)
 
 
 def check_finite(out: SampleOutput, example_ids) -> None:

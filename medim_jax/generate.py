@@ -479,9 +479,12 @@ def task_of(given) -> str:
 
 def run_command(args, config) -> list[dict]:
   """Read and check every input, load the run, generate, then write: bad input writes nothing."""
+  import time
   given = read_inputs(args)
   task = task_of(given)
+  start = time.perf_counter()
   pipe = MeDiMPipeline.from_workdir(args.workdir, args.step, config)
+  loaded = time.perf_counter()
   if task == "infill":
     image = given["images"][0] if given["images"] else None
     row = pipe.infill_row(given["template"], image, given["mask"],
@@ -498,7 +501,8 @@ def run_command(args, config) -> list[dict]:
     out = pipe.generate(rows, args.seed, progress_bar=True)
     inputs = [{key[:-1]: value} for value in given[key]]
   records = [{"task": task, **inputs[i]} for i in range(len(inputs))]
-  write_outputs(args.out, records, out, pipe, args.seed, args.grid)
+  seconds = (loaded - start, time.perf_counter() - loaded)
+  write_outputs(args.out, records, out, pipe, args.seed, args.grid, seconds)
   return records
 
 
@@ -507,7 +511,7 @@ def _rounded(values) -> list:
 
 
 def write_outputs(out_dir: str, records: list[dict], out: Generation, pipe: MeDiMPipeline,
-                  seed: int, grid: bool) -> None:
+                  seed: int, grid: bool, seconds: tuple[float, float] = (0.0, 0.0)) -> None:
   """NNN.png (+ NNN_confidence.png) for every image the task drew, and generated.jsonl, written
   under a temporary name and renamed, so a crash never leaves a half-written record."""
   from medim_jax import visualize
@@ -545,8 +549,8 @@ def write_outputs(out_dir: str, records: list[dict], out: Generation, pipe: MeDi
                 for i, r in enumerate(records)]
     visualize.sample_grid(np.stack(images), captions, os.path.join(out_dir, "grid.png"),
                           columns=min(8, len(images)))
-  print(f"{len(records)} generated ({records[0]['task']}) from checkpoint {pipe.step}: "
-        f"{out_dir}/generated.jsonl")
+  print(f"{len(records)} generated ({records[0]['task']}) from checkpoint {pipe.step} in "
+        f"{seconds[1]:.1f} s, compilation included (loading {seconds[0]:.1f} s): {out_dir}/generated.jsonl")
 
 
 def confidence_picture(image: Image.Image, confidence: np.ndarray, scale: int = 4) -> Image.Image:

@@ -30,13 +30,17 @@ from medim_jax.evaluation import clinical, ground_truth, image_metrics, memorisa
 TASKS = ("image_to_report", "report_to_image", "joint")
 
 
-def evaluate(config, workdir: str, dataset=None) -> dict:
+def evaluate(config, workdir: str, dataset=None, out_dir: str | None = None) -> dict:
+  """Generate, score and write metrics.json and the page. ``out_dir`` (default ``WORKDIR/eval``,
+  with the page at ``WORKDIR/report.html``) keeps a side evaluation, e.g. the reading study's on
+  the validation split, from overwriting the run's own (the page then goes into ``out_dir``)."""
   dataset = dataset or data_base.build_dataset(config, workdir)
   if not hasattr(dataset, "manifests"):
     raise ValueError(f"--mode eval scores shard data (medim_demo or folders); config.data.name is "
                      f"{config.data.name!r} (smoke data is scored by --mode score)")
   start = time.perf_counter()
-  out_dir = os.path.join(workdir, "eval")
+  page_path = os.path.join(out_dir, "report.html") if out_dir else os.path.join(workdir, "report.html")
+  out_dir = out_dir or os.path.join(workdir, "eval")
   os.makedirs(out_dir, exist_ok=True)
   trainer = train.Trainer(config, dataset.layout)
   params, step = sample.load_sampling_params(config, workdir, trainer,
@@ -74,7 +78,7 @@ def evaluate(config, workdir: str, dataset=None) -> dict:
     json.dump(finite_or_null(results), f, indent=1, allow_nan=False)
 
   from medim_jax.evaluation import report_page
-  page = report_page.write(os.path.join(workdir, "report.html"), results, shown, workdir)
+  page = report_page.write(page_path, results, shown, workdir)
   print(f"Evaluation of checkpoint {step}: {os.path.join(out_dir, 'metrics.json')}; page: {page}")
   return results
 

@@ -107,3 +107,17 @@ def test_main_job_runs_every_stage_on_folders_then_reuses_them(tmp_path):
   assert again.returncode == 0, again.stderr[-3000:]
   assert "VQ tokenizer: reusing" in again.stdout and "Shards written" not in again.stdout
   assert again.stdout.count("reusing") >= 4 and "finding classifier (" not in again.stdout
+
+  # The reading study scores the validation split in its own folder: the run's test-split
+  # metrics.json and report.html stay as they were.
+  before = {name: (workdir / name).read_bytes() for name in ("eval/metrics.json", "report.html")}
+  study = subprocess.run(
+      [sys.executable, "-m", "medim_jax.evaluation.reading_study", *common[:4], "--steps", "4",
+       *common[4:]],
+      cwd=ROOT, env=dict(os.environ, XLA_FLAGS="", JAX_PLATFORMS="cpu"), capture_output=True,
+      text=True, timeout=280)
+  assert study.returncode == 0, study.stderr[-3000:]
+  row = json.loads((workdir / "reading_study.json").read_text())["rows"][0]
+  assert row["step"] == 4 and set(row["reading AUC"]) == {"nodule", "opacity"}
+  assert (workdir / "reading_study" / "step_4" / "metrics.json").exists()
+  assert before == {name: (workdir / name).read_bytes() for name in before}

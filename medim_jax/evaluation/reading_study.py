@@ -40,7 +40,9 @@ def measure(config, workdir: str, step: int, examples: int = 180) -> dict:
   held_out = trainer.evaluate(params, dataset.eval_batches(config.train.batch_size,
                                                            config.train.num_eval_batches))
   reading = reading_probe.probe(config, workdir, step=step, classifiers=False)
-  clinical = evaluate.evaluate(config, workdir, dataset)["datasets"]["chest"]["clinical"]
+  # Its own folder: the run's eval/ and report.html (the test split's) stay as they are.
+  side = os.path.join(workdir, "reading_study", f"step_{step}")
+  clinical = evaluate.evaluate(config, workdir, dataset, out_dir=side)["datasets"]["chest"]["clinical"]
   macro = lambda table: table["macro_f1"]
   i2r, r2i = clinical["image_to_report"], clinical["report_to_image"]
   return {"step": step,

@@ -175,6 +175,10 @@ def get_config(arg=None):
   config.train.checkpoint_every = 500
   config.train.max_checkpoints_to_keep = 3
   config.train.keep_checkpoint_period = 0  # > 0 also keeps every checkpoint at a multiple of this
+  # A checkpoint whose files changed on disk (checked against the sha256 seal written after each
+  # save) or cannot be read: "fallback" moves it to checkpoints/corrupt-STEP and resumes from the
+  # newest intact one; "error" stops, naming the intact ones. Also the VQ trainer's policy.
+  config.train.on_corrupt_checkpoint = "fallback"
   # A non-finite loss or gradient is never applied; then "skip" goes on (stopping after
   # max_consecutive_nonfinite in a row) or "stop" ends the run with the last checkpoint intact.
   config.train.on_nonfinite = "skip"

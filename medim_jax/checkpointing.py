@@ -4,10 +4,19 @@ Orbax writes each checkpoint into a temporary directory and renames it when comp
 while saving leaves the previous checkpoint usable (training removes the half-written one when it
 starts again). Restoring goes against an abstract state, so the restored arrays get the shapes,
 dtypes and shardings the current run expects.
+
+Integrity: once a save has finished, the trainer seals it: ``STEP/medim_sha256.json`` records the
+size and sha256 of every file in it. Restoring checks the seal first (and treats a failed restore
+the same way), so a checkpoint whose bytes changed on disk is named, never half-read. Policy
+``on_corrupt``: ``fallback`` moves it aside to ``corrupt-STEP`` (never deleted) and restores the
+newest intact one; ``error`` stops with one line naming the intact ones. Retention is done here,
+not by orbax, and counts only sealed checkpoints, so a save never pushes out the last one known good.
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
 import os
 import shutil
 
@@ -18,6 +27,57 @@ import orbax.checkpoint as ocp
 from medim_jax import errors
 
 TMP_MARKER = ".orbax-checkpoint-tmp"  # in the name of a checkpoint folder still being written
+SEAL = "medim_sha256.json"            # in a finished checkpoint: {relative path: [size, sha256]}
+CORRUPT_PREFIX = "corrupt-"           # where a corrupt checkpoint is moved aside
+ON_CORRUPT = ("fallback", "error")
+
+
+def file_sha256(path: str) -> str:
+  digest = hashlib.sha256()
+  with open(path, "rb") as f:
+    for block in iter(lambda: f.read(1 << 20), b""):
+      digest.update(block)
+  return digest.hexdigest()
+
+
+def _files(folder: str) -> list[str]:
+  return sorted(os.path.relpath(os.path.join(base, name), folder)
+                for base, _, names in os.walk(folder) for name in names if name != SEAL)
+
+
+def seal(folder: str) -> None:
+  """Write ``folder/SEAL``: size and sha256 of every file in it (temporary name, then renamed)."""
+  record = {name: [os.path.getsize(os.path.join(folder, name)), file_sha256(os.path.join(folder, name))]
+            for name in _files(folder)}
+  temporary = os.path.join(folder, SEAL + ".tmp")
+  with open(temporary, "w") as f:
+    json.dump(record, f, indent=0)
+  os.replace(temporary, os.path.join(folder, SEAL))
+
+
+def is_sealed(folder: str) -> bool:
+  return os.path.exists(os.path.join(folder, SEAL))
+
+
+def seal_problem(folder: str) -> str | None:
+  """None when every file matches the seal (or there is no seal yet); else the first problem."""
+  if not is_sealed(folder):
+    return None
+  try:
+    with open(os.path.join(folder, SEAL)) as f:
+      record = json.load(f)
+  except (OSError, ValueError) as e:
+    return f"{SEAL} unreadable ({type(e).__name__})"
+  for name, (size, digest) in sorted(record.items()):
+    path = os.path.join(folder, name)
+    if not os.path.exists(path):
+      return f"{name} is missing"
+    if os.path.getsize(path) != size:
+      return f"{name} is {os.path.getsize(path)} bytes, sealed at {size}"
+    if file_sha256(path) != digest:
+      return f"{name} has changed since it was written (sha256 differs)"
+  extra = sorted(set(_files(folder)) - set(record))
+  return f"{extra[0]} was not in the checkpoint when it was written" if extra else None
 
 
 def _path_name(path) -> str:
@@ -44,21 +104,27 @@ def _remove_half_written(directory: str) -> None:
 class Checkpointer:
 
   def __init__(self, directory: str, max_to_keep: int, keep_period: int = 0,
-               remove_half_written: bool = False):
-    """Keeps the newest ``max_to_keep`` checkpoints, and every multiple of ``keep_period`` (> 0).
+               remove_half_written: bool = False, on_corrupt: str = "fallback"):
+    """Keeps the newest ``max_to_keep`` sealed checkpoints, and every multiple of ``keep_period``.
 
-    remove_half_written: for the run that owns the directory (training), never for a reader that
-    may run beside it (sampling, evaluation), which would delete a save in progress.
+    remove_half_written: for the run that owns the directory (training): it also seals, applies
+    retention and moves corrupt checkpoints aside. Never for a reader that may run beside it
+    (sampling, evaluation): a reader only checks, and stops on a corrupt checkpoint.
     """
+    if on_corrupt not in ON_CORRUPT:
+      raise errors.InputError(f"on_corrupt_checkpoint must be one of {ON_CORRUPT}, got {on_corrupt!r}")
     self.directory = os.path.abspath(directory)
+    self.owner, self.on_corrupt = remove_half_written, on_corrupt
+    self.max_to_keep, self.keep_period = max_to_keep, keep_period
+    self._unsealed = set()  # steps this instance saved: sealed once their save has finished
+    self._saved = False     # an instance that saved applies retention, owner or not
     if remove_half_written:
       _remove_half_written(self.directory)
     self.manager = ocp.CheckpointManager(
         self.directory,
         item_handlers={"state": ocp.StandardCheckpointHandler(),
                        "data_iter": ocp.JsonCheckpointHandler()},
-        options=ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, keep_period=keep_period or None,
-                                             create=True))
+        options=ocp.CheckpointManagerOptions(create=True))
 
   def latest_step(self) -> int | None:
     return self.manager.latest_step()
@@ -70,18 +136,69 @@ class Checkpointer:
     """True on every host once the JAX distributed service has seen a preemption notice."""
     return self.manager.reached_preemption(step)
 
+  def step_dir(self, step: int) -> str:
+    return os.path.join(self.directory, str(step))
+
   def save(self, step: int, state, data_iter=None) -> None:
+    self._seal_finished()  # the previous save (asynchronous) is sealed before the next starts
+    self._saved = True
+    self._unsealed.add(step)
     items = {"state": ocp.args.StandardSave(state)}
     if data_iter is not None:
       items["data_iter"] = ocp.args.JsonSave(data_iter.get_state())
     self.manager.save(step, args=ocp.args.Composite(**items))
 
   def restore(self, abstract_state, data_iter=None, step: int | None = None):
-    """Restore ``step`` (default: the latest) into the structure of ``abstract_state``."""
-    step = self.latest_step() if step is None else step
-    if step is None:
-      raise FileNotFoundError(f"no checkpoint in {self.directory}")
-    self._check_shapes(step, abstract_state)
+    """Restore ``step`` (default: the latest intact one) into the structure of ``abstract_state``."""
+    if step is not None:
+      return self._restore_checked(abstract_state, data_iter, step, fallback=False)
+    while True:
+      latest = self.latest_step()
+      if latest is None:
+        raise FileNotFoundError(f"no checkpoint in {self.directory}")
+      restored = self._restore_checked(abstract_state, data_iter, latest, fallback=True)
+      if restored is not None:
+        return restored
+
+  def _restore_checked(self, abstract_state, data_iter, step: int, fallback: bool):
+    """The restored state; None after moving a corrupt ``step`` aside (the caller tries the next)."""
+    problem = seal_problem(self.step_dir(step))
+    if problem is None:
+      try:
+        self._check_shapes(step, abstract_state)  # a model mismatch is the user's, not corruption
+        restored = self._restore(abstract_state, data_iter, step)
+        if self.owner and not is_sealed(self.step_dir(step)) and jax.process_index() == 0:
+          seal(self.step_dir(step))  # saved before a crash could seal it; it read back whole
+        return restored
+      except errors.InputError:
+        raise
+      except Exception as e:  # noqa: BLE001 (TensorStore, orbax, json: any failure to read it)
+        if is_sealed(self.step_dir(step)):
+          raise  # its bytes are the ones written: not corruption, so not moved aside
+        problem = f"unreadable ({type(e).__name__}: {str(e).splitlines()[0][:300]})"
+    self._corrupt(step, problem, fallback)
+    return None
+
+  def _corrupt(self, step: int, problem: str, fallback: bool) -> None:
+    others = [s for s in self.all_steps() if s != step and seal_problem(self.step_dir(s)) is None]
+    where = f"checkpoint {self.step_dir(step)} is corrupt: {problem}"
+    if not (fallback and self.owner and self.on_corrupt == "fallback"):
+      raise errors.InputError(
+          f"{where}. Intact checkpoints: {others or 'none'}"
+          + (" (restore one with its step, or move this one aside)" if others else ""))
+    aside = os.path.join(self.directory, f"{CORRUPT_PREFIX}{step}")
+    suffix = 1
+    while os.path.exists(aside):
+      aside, suffix = os.path.join(self.directory, f"{CORRUPT_PREFIX}{step}.{suffix}"), suffix + 1
+    if jax.process_index() == 0:
+      os.rename(self.step_dir(step), aside)
+    _sync(f"corrupt-{step}")
+    self.manager.reload()
+    print(f"warning: {where}; moved to {aside} (kept, not deleted); "
+          + (f"restoring checkpoint {others[-1]}" if others else "no intact checkpoint left"),
+          flush=True)
+
+  def _restore(self, abstract_state, data_iter, step: int):
     items = {"state": ocp.args.StandardRestore(abstract_state)}
     if data_iter is not None:
       items["data_iter"] = ocp.args.JsonRestore()
@@ -115,9 +232,34 @@ class Checkpointer:
             f"{stored_shapes[key]} there but {tuple(np.shape(leaf))} here. Use the config the "
             "checkpoint was trained with, or a fresh --workdir.")
 
-  def wait(self) -> None:
+  def _seal_finished(self) -> None:
+    """Seal the checkpoints this instance saved, once written, then apply retention. Only what it
+    wrote itself: sealing a checkpoint found on disk would bless whatever its bytes are now."""
     self.manager.wait_until_finished()
+    if not self._saved:
+      return
+    steps = self.all_steps()
+    if jax.process_index() == 0:
+      for step in sorted(self._unsealed & set(steps)):
+        seal(self.step_dir(step))
+    self._unsealed.clear()
+    if jax.process_index() == 0:
+      keep = set(steps[-self.max_to_keep:]) if self.max_to_keep else set(steps)
+      keep |= {s for s in steps if self.keep_period and s % self.keep_period == 0}
+      for step in sorted(set(steps) - keep):
+        shutil.rmtree(self.step_dir(step))
+    _sync("sealed")
+    self.manager.reload()
+
+  def wait(self) -> None:
+    self._seal_finished()
 
   def close(self) -> None:
-    self.manager.wait_until_finished()
+    self._seal_finished()
     self.manager.close()
+
+
+def _sync(name: str) -> None:
+  if jax.process_count() > 1:
+    from jax.experimental import multihost_utils
+    multihost_utils.sync_global_devices(f"medim_checkpoint_{name}")

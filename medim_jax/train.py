@@ -344,7 +344,8 @@ def train_and_evaluate(config, workdir: str, dataset: data_base.PairedDataset | 
   checkpointer = checkpointing.Checkpointer(os.path.join(workdir, "checkpoints"),
                                             train_cfg.max_checkpoints_to_keep,
                                             train_cfg.keep_checkpoint_period,
-                                            remove_half_written=True)
+                                            remove_half_written=True,
+                                            on_corrupt=train_cfg.on_corrupt_checkpoint)
   sync = _should_sync_every_step(train_cfg.sync_every_step)
 
   if checkpointer.latest_step() is not None:

@@ -291,7 +291,8 @@ def train_vq(config, workdir: str, progress_bars: bool = True) -> dict:
   train_images, _ = load_split_images(config, "train")
   trainer = VQTrainer(config)
   checkpointer = checkpointing.Checkpointer(os.path.join(out_dir, "checkpoints"), 2,
-                                            remove_half_written=True)
+                                            remove_half_written=True,
+                                            on_corrupt=config.train.on_corrupt_checkpoint)
   watch = loss_watch.LossWatch.from_config(config.train)  # the same policy as MeDiM training
   if checkpointer.latest_step() is not None:
     state = checkpointer.restore(trainer.abstract_state())

@@ -233,3 +233,90 @@ def test_a_checkpoint_half_written_by_a_crash_is_ignored_and_cleaned_up(tmp_path
   np.testing.assert_array_equal(restored["w"], [1, 1, 1])
   checkpointer.close()
   assert not half_written.exists()
+
+
+def big_state(step):
+  return {"w": np.arange(4096, dtype=np.float32) * step, "b": np.full((7,), step, np.float32)}
+
+
+def data_files(folder):
+  """The array data files of a checkpoint (the chunks TensorStore decompresses on restore)."""
+  return sorted(p for p in folder.rglob("*") if p.is_file() and p.parent.name == "d"
+                and p.stat().st_size > 256)
+
+
+def flip_bytes(path, offset=None):
+  data = bytearray(path.read_bytes())
+  offset = len(data) // 2 if offset is None else offset
+  data[offset:offset + 8] = bytes(b ^ 0xFF for b in data[offset:offset + 8])
+  path.write_bytes(bytes(data))
+
+
+def digests(folder):
+  return {p.relative_to(folder): checkpointing.file_sha256(str(p))
+          for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+@pytest.mark.parametrize("damage", ["flip", "truncate", "unsealed_flip"])
+def test_a_corrupt_checkpoint_is_named_moved_aside_and_the_intact_one_restored(tmp_path, damage,
+                                                                               capsys):
+  checkpointer = checkpointing.Checkpointer(str(tmp_path), max_to_keep=3, remove_half_written=True)
+  for step in (1, 2):
+    checkpointer.save(step, big_state(step))
+  checkpointer.close()
+  assert checkpointing.is_sealed(str(tmp_path / "2"))
+  target = data_files(tmp_path / "2")[0]
+  if damage == "truncate":
+    target.write_bytes(target.read_bytes()[:-10])
+  else:
+    flip_bytes(target)
+  if damage == "unsealed_flip":  # e.g. a crash between the save and its seal: orbax's read fails
+    (tmp_path / "2" / checkpointing.SEAL).unlink()
+  intact = digests(tmp_path / "1")
+  damaged = digests(tmp_path / "2")
+  abstract = {"w": np.zeros((4096,), np.float32), "b": np.zeros((7,), np.float32)}
+
+  for reader in (checkpointing.Checkpointer(str(tmp_path), max_to_keep=3),  # sampling: never moves
+                 checkpointing.Checkpointer(str(tmp_path), max_to_keep=3, remove_half_written=True,
+                                            on_corrupt="error")):
+    with pytest.raises(errors.InputError, match=r"checkpoint .*/2 is corrupt: .*Intact checkpoints: \[1\]"):
+      reader.restore(abstract)
+    reader.close()
+  assert digests(tmp_path / "2") == damaged
+
+  owner = checkpointing.Checkpointer(str(tmp_path), max_to_keep=3, remove_half_written=True)
+  restored = owner.restore(abstract)
+  np.testing.assert_array_equal(restored["w"], big_state(1)["w"])
+  message = capsys.readouterr().out
+  expected = {"flip": "has changed since it was written", "truncate": "bytes, sealed at",
+              "unsealed_flip": "unreadable"}[damage]
+  assert f"{tmp_path}/2 is corrupt: " in message and expected in message
+  assert "restoring checkpoint 1" in message
+  if damage != "unsealed_flip":
+    assert str(target.relative_to(tmp_path / "2")) in message
+  assert owner.all_steps() == [1] and digests(tmp_path / "corrupt-2") == damaged
+  assert digests(tmp_path / "1") == intact
+  owner.save(2, big_state(2))  # the step is free again; the corrupt copy stays where it was moved
+  owner.close()
+  assert digests(tmp_path / "corrupt-2") == damaged and checkpointing.is_sealed(str(tmp_path / "2"))
+
+
+def test_retention_removes_an_old_checkpoint_only_once_a_newer_one_is_sealed(tmp_path):
+  checkpointer = checkpointing.Checkpointer(str(tmp_path), max_to_keep=1, remove_half_written=True)
+  checkpointer.save(1, big_state(1))
+  checkpointer.save(2, big_state(2))  # seals 1; keeps it while 2 is being written
+  assert checkpointing.is_sealed(str(tmp_path / "1"))
+  checkpointer.wait()  # 2 sealed: now 1 may go
+  assert checkpointer.all_steps() == [2] and checkpointing.is_sealed(str(tmp_path / "2"))
+  checkpointer.close()
+
+
+def test_a_sealed_checkpoint_that_fails_to_restore_for_another_reason_is_not_moved(tmp_path):
+  checkpointer = checkpointing.Checkpointer(str(tmp_path), max_to_keep=3, remove_half_written=True)
+  checkpointer.save(1, big_state(1))
+  checkpointer.close()
+  owner = checkpointing.Checkpointer(str(tmp_path), max_to_keep=3, remove_half_written=True)
+  with pytest.raises(errors.InputError, match="does not match this model"):
+    owner.restore({"w": np.zeros((8,), np.float32), "b": np.zeros((7,), np.float32)})
+  owner.close()
+  assert (tmp_path / "1").exists() and not list(tmp_path.glob("corrupt-*"))

@@ -15,7 +15,6 @@ not by orbax, and counts only sealed checkpoints, so a save never pushes out the
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import shutil
@@ -25,19 +24,12 @@ import numpy as np
 import orbax.checkpoint as ocp
 
 from medim_jax import errors
+from medim_jax.integrity import file_sha256, write_text_atomically
 
 TMP_MARKER = ".orbax-checkpoint-tmp"  # in the name of a checkpoint folder still being written
 SEAL = "medim_sha256.json"            # in a finished checkpoint: {relative path: [size, sha256]}
 CORRUPT_PREFIX = "corrupt-"           # where a corrupt checkpoint is moved aside
 ON_CORRUPT = ("fallback", "error")
-
-
-def file_sha256(path: str) -> str:
-  digest = hashlib.sha256()
-  with open(path, "rb") as f:
-    for block in iter(lambda: f.read(1 << 20), b""):
-      digest.update(block)
-  return digest.hexdigest()
 
 
 def _files(folder: str) -> list[str]:
@@ -49,10 +41,7 @@ def seal(folder: str) -> None:
   """Write ``folder/SEAL``: size and sha256 of every file in it (temporary name, then renamed)."""
   record = {name: [os.path.getsize(os.path.join(folder, name)), file_sha256(os.path.join(folder, name))]
             for name in _files(folder)}
-  temporary = os.path.join(folder, SEAL + ".tmp")
-  with open(temporary, "w") as f:
-    json.dump(record, f, indent=0)
-  os.replace(temporary, os.path.join(folder, SEAL))
+  write_text_atomically(os.path.join(folder, SEAL), json.dumps(record, indent=0))
 
 
 def is_sealed(folder: str) -> bool:
@@ -183,7 +172,7 @@ class Checkpointer:
     others = [s for s in self.all_steps() if s != step and seal_problem(self.step_dir(s)) is None]
     where = f"checkpoint {self.step_dir(step)} is corrupt: {problem}"
     if not (fallback and self.owner and self.on_corrupt == "fallback"):
-      raise errors.InputError(
+      raise errors.CorruptFileError(
           f"{where}. Intact checkpoints: {others or 'none'}"
           + (" (restore one with its step, or move this one aside)" if others else ""))
     aside = os.path.join(self.directory, f"{CORRUPT_PREFIX}{step}")

@@ -9,6 +9,10 @@ class InputError(ValueError):
   """A config value, input file or checkpoint that cannot be used as it is."""
 
 
+class CorruptFileError(InputError):
+  """A file the project wrote earlier whose bytes are no longer what was written."""
+
+
 class NonFiniteError(FloatingPointError):
   """Training met a non-finite loss or gradient it is configured not to skip."""
 

@@ -22,7 +22,7 @@ import time
 
 import numpy as np
 
-from medim_jax import sample, train
+from medim_jax import integrity, sample, train
 from medim_jax.data import base as data_base
 from medim_jax.evaluation import card as card_lib
 from medim_jax.evaluation import clinical, ground_truth, image_metrics, memorisation
@@ -135,20 +135,30 @@ def cached_generation(config, trainer, params, dataset, split, task, step, out_d
   tokens = sample.generate_task(config, trainer, params, dataset.layout, split, task)
   os.makedirs(task_dir, exist_ok=True)
   sample.write_task(task_dir, task, tokens, split, dataset, step)
-  with open(key_path, "w") as f:
-    f.write(key)
+  write_key(key_path, key, tokens_path)
   return tokens
 
 
 def is_cached(key_path: str, key: str, output: str) -> bool:
-  """Whether ``output`` was made from inputs hashing to ``key``. The key file is written after the
-  output, so a run cut short leaves no key; a stale key is removed before the output is rewritten."""
-  if os.path.exists(key_path):
-    with open(key_path) as f:
-      if f.read() == key and os.path.exists(output):
-        return True
-    os.remove(key_path)
+  """Whether ``output`` was made from inputs hashing to ``key`` and is byte for byte what was
+  written then. The key file (inputs' hash, then the output's sha256) is written after the output,
+  so a run cut short leaves no key; a stale key, or an output whose bytes changed since, is removed
+  with a warning, and the output is made again."""
+  if not os.path.exists(key_path):
+    return False
+  with open(key_path) as f:
+    recorded = f.read().split("\n")
+  if recorded[0] == key and os.path.exists(output):
+    if len(recorded) > 1 and recorded[1] == integrity.file_sha256(output):
+      return True
+    print(f"  warning: {output} is not the file its key recorded (changed or damaged since, or "
+          "from an older version): making it again")
+  os.remove(key_path)
   return False
+
+
+def write_key(key_path: str, key: str, output: str) -> None:
+  integrity.write_text_atomically(key_path, f"{key}\n{integrity.file_sha256(output)}")
 
 
 def evaluate_dataset(config, name, manifest, index, split, generated, image_tokenizer, out_dir):
@@ -306,8 +316,7 @@ def cached_classifier(config, name, dataset_folders, training, out_dir):
     if val is not None and val.labels is not None:
       classifier.calibrate(val.images, val.labels)
     classifier.save(path)
-    with open(path + ".key", "w") as f:
-      f.write(key)
+    write_key(path + ".key", key, path)
   return classifier, (f"Finding classifier: a small CNN trained on the {len(training.names)} "
                       f"training images of {name} and their labels ({steps} steps), decision "
                       "thresholds set for best F1 on the validation split. Its scores on the real "

@@ -33,7 +33,7 @@ import re
 import numpy as np
 from PIL import Image, ImageOps
 
-from medim_jax import errors
+from medim_jax import errors, integrity
 
 # A blank in a report template: "___" (``blank_tokens`` tokens) or "[MASK]" / "[MASK:n]" (n tokens).
 BLANK = re.compile(r"_{3,}|\[MASK(?::(\d+))?\]")
@@ -56,12 +56,7 @@ def as_rgb_array(image, image_size: int, square: str, name: str = "image") -> np
   if not isinstance(image, Image.Image):
     raise errors.InputError(f"{name}: expected a PIL image, a uint8 array or a path, got "
                             f"{type(image).__name__}")
-  image = folders._to_rgb(ImageOps.exif_transpose(image))
-  width, height = image.size
-  side = max(width, height) if square == "pad" else min(width, height)
-  canvas = Image.new("RGB", (side, side))
-  canvas.paste(image, ((side - width) // 2, (side - height) // 2))
-  return np.asarray(canvas.resize((image_size, image_size), Image.BICUBIC), np.uint8)
+  return folders.square_and_resize(folders._to_rgb(ImageOps.exif_transpose(image)), image_size, square)
 
 
 def mask_to_tokens(mask, image_shape: tuple[int, int], grid: int, square: str) -> np.ndarray:
@@ -129,7 +124,9 @@ class MeDiMPipeline:
       params, step = sample.load_sampling_params(config, workdir, trainer, step)
     except FileNotFoundError as e:
       raise errors.InputError(str(e)) from None
-    except ValueError as e:  # orbax: the checkpoint's shapes are not this config's model
+    except errors.CorruptFileError:
+      raise
+    except ValueError as e:  # the checkpoint's shapes are not this config's model
       raise errors.InputError(f"the checkpoint in {workdir}/checkpoints is not of the model "
                               f"{config.model.d_model}x{config.model.num_layers} this config "
                               f"builds ({str(e).splitlines()[0][:200]}): pass the config it was "
@@ -139,6 +136,7 @@ class MeDiMPipeline:
   # -- inputs ---------------------------------------------------------------------------------
 
   def prompt_ids(self, dataset: str | None) -> list[int]:
+    """The prompt of ``dataset`` (None: the run's first dataset, e.g. medim-demo's chest)."""
     datasets = self.dataset.manifests[self.dataset.directories[0]]["datasets"]
     name = dataset or next(iter(datasets))
     if name not in datasets:
@@ -198,14 +196,14 @@ class MeDiMPipeline:
       if isinstance(original, (str, os.PathLike)):
         try:
           with Image.open(original) as opened:
-            sizes.append(opened.size[::-1])
+            sizes.append(ImageOps.exif_transpose(opened).size[::-1])
         except OSError as e:
           raise errors.InputError(f"{original}: image cannot be read ({type(e).__name__}: {e})") from None
       else:
         sizes.append(np.asarray(original).shape[:2] if isinstance(original, np.ndarray)
                      else original.size[::-1])
       arrays.append(as_rgb_array(original, self.config.data.image_size, self.config.data.square,
-                                 f"image {i}"))
+                                 f"image {i + 1}"))
     return np.asarray(self.image_tokenizer.encode(np.stack(arrays))), sizes
 
   # -- generation -----------------------------------------------------------------------------
@@ -489,15 +487,15 @@ def run_command(args, config) -> list[dict]:
     image = given["images"][0] if given["images"] else None
     row = pipe.infill_row(given["template"], image, given["mask"],
                           report=given["reports"][0] if given["reports"] else None,
-                          blank_tokens=args.blank_tokens)
+                          dataset=args.dataset, blank_tokens=args.blank_tokens)
     out = pipe.generate(row[None], args.seed)
     inputs = [{"template": given["template"], "report": given["reports"][0] if given["reports"] else None,
                "image": image, "mask": args.mask}]
   else:
-    key, make_rows = {"report_to_image": ("reports", pipe.report_rows),
-                      "image_to_report": ("images", pipe.image_rows),
-                      "joint": ("prompts", pipe.prompt_rows)}[task]
-    rows = make_rows(given[key])  # every input checked before any generation
+    key, rows = {"report_to_image": ("reports", lambda: pipe.report_rows(given["reports"], args.dataset)),
+                 "image_to_report": ("images", lambda: pipe.image_rows(given["images"])),
+                 "joint": ("prompts", lambda: pipe.prompt_rows(given["prompts"], args.dataset))}[task]
+    rows = rows()  # every input checked before any generation
     out = pipe.generate(rows, args.seed, progress_bar=True)
     inputs = [{key[:-1]: value} for value in given[key]]
   records = [{"task": task, **inputs[i]} for i in range(len(inputs))]
@@ -535,10 +533,7 @@ def write_outputs(out_dir: str, records: list[dict], out: Generation, pipe: MeDi
                                      zip(pieces, _rounded([p for _, p in pieces]))]
     lines.append(json.dumps({**record, "seed": seed, "checkpoint_step": pipe.step,
                              "sampler": settings}))
-  temporary = os.path.join(out_dir, "generated.jsonl.tmp")
-  with open(temporary, "w") as f:
-    f.write("\n".join(lines) + "\n")
-  os.replace(temporary, os.path.join(out_dir, "generated.jsonl"))
+  integrity.write_text_atomically(os.path.join(out_dir, "generated.jsonl"), "\n".join(lines) + "\n")
   if grid:
     if draws_image:
       images = [np.asarray(im) for im in out.images]
@@ -587,6 +582,8 @@ def main():
   parser.add_argument("--prompt", help="joint: image + report from the start of a report ('' for none)")
   parser.add_argument("--template", help="a report with blanks (___, [MASK], [MASK:n]) to fill")
   parser.add_argument("--blank_tokens", type=int, default=3, help="tokens of a ___ or [MASK] blank")
+  parser.add_argument("--dataset", help="whose report prompt to use, e.g. pathology (default: the "
+                      "run's first dataset; medim-demo: chest)")
   parser.add_argument("--mask", help="a picture of the image's size: white = redraw these pixels")
   parser.add_argument("--out", required=True, help="folder for the PNGs and generated.jsonl")
   parser.add_argument("--seed", type=int, default=0)

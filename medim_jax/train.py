@@ -14,7 +14,7 @@ import numpy as np
 import optax
 from flax import nnx
 
-from medim_jax import checkpointing, errors, loss_watch, preemption, progress as progress_bars
+from medim_jax import checkpointing, errors, integrity, loss_watch, preemption, progress as progress_bars
 from medim_jax.data import base as data_base
 from medim_jax.diffusion import corruption, loss as loss_lib, schedules
 from medim_jax.models import code_embedding, transformer
@@ -287,13 +287,11 @@ def _drop_rows_after(path: str, step: int) -> None:
   """A resumed run redoes the steps after its checkpoint: their old rows would be duplicates."""
   if not os.path.exists(path):
     return
-  with open(path) as f:
+  with open(path, encoding="utf-8", errors="replace") as f:
     lines = f.readlines()
-  kept = [line for line in lines if line.strip() and json.loads(line).get("step", 0) <= step]
+  kept = [line for line, row in integrity.read_jsonl(path) if row.get("step", 0) <= step]
   if len(kept) != len(lines):
-    with open(path + ".tmp", "w") as f:
-      f.writelines(kept)
-    os.replace(path + ".tmp", path)
+    integrity.write_text_atomically(path, "".join(kept))
 
 
 def _should_sync_every_step(setting: str) -> bool:

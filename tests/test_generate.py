@@ -56,6 +56,10 @@ def test_each_task_gives_images_and_reports(run):
   np.testing.assert_array_equal(pipe.image_codes([film])[0], pipe.image_codes([np.asarray(film)])[0])
   images, reports = pipe.joint(["upper", ""])
   assert len(images) == len(reports) == 2 and reports[0].startswith("upper")
+  # Each dataset's report prompt goes first, as in its training rows.
+  for name, prompt in (("chest", "chest x-ray."), ("pathology", "histopathology.")):
+    ids = pipe.text_tokenizer.tokenize(prompt)
+    assert list(pipe.report_rows(["upper"], name)[0, :len(ids)]) == ids
 
 
 def test_confidences_cover_exactly_the_generated_tokens(run):
@@ -139,6 +143,8 @@ def test_bad_inputs_are_one_clear_error_each(run, tmp_path):
        "marks no pixel"),
       (lambda: pipe.infill("no blanks here."), "has no blank"),
       (lambda: pipe.report_to_image(["upper"], tempature=2.0), "sampler settings"),
+      (lambda: pipe.report_to_image(["upper"], dataset="brain"), r"unknown dataset 'brain'; this "
+       r"model was trained on \['chest', 'pathology'\]"),
       (lambda: generate.MeDiMPipeline.from_workdir(str(tmp_path)), "has no checkpoints/"),
   ]
   other = tiny_run_config(root)

@@ -103,6 +103,11 @@ def read_image(path: str, image_size: int, square: str = "pad") -> np.ndarray:
   except (UnidentifiedImageError, OSError, SyntaxError) as e:
     raise BadPairError(f"{path}: image cannot be read ({type(e).__name__}: {e})",
                        "unreadable image") from None
+  return square_and_resize(image, image_size, square)
+
+
+def square_and_resize(image: Image.Image, image_size: int, square: str = "pad") -> np.ndarray:
+  """An RGB image -> (S, S, 3) uint8: padded (black) or centre-cropped to square, then resized."""
   width, height = image.size
   if square not in ("pad", "crop"):
     raise ValueError(f"square must be 'pad' or 'crop', got {square!r}")

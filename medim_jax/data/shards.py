@@ -11,14 +11,13 @@ fingerprints of both tokenizers: rows made by one tokenizer are never read with 
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
 import os
 import shutil
 
 import numpy as np
 
-from medim_jax import errors
+from medim_jax import errors, integrity
 
 MANIFEST = "manifest.json"
 FORMAT_VERSION = 1
@@ -56,14 +55,6 @@ class RowLayout:
     return {"dataset_id": row[0], "example_id": row[1], "prompt_length": row[2],
             "text": row[3:3 + t], "text_mask": row[3 + t:3 + 2 * t].astype(bool),
             "image": row[3 + 2 * t:3 + 2 * t + i]}
-
-
-def _sha256(path: str) -> str:
-  digest = hashlib.sha256()
-  with open(path, "rb") as f:
-    for block in iter(lambda: f.read(1 << 20), b""):
-      digest.update(block)
-  return digest.hexdigest()
 
 
 def read_manifest(directory: str) -> dict:
@@ -132,7 +123,7 @@ def verify(directory: str) -> None:
   for entry in manifest["files"]:
     path = os.path.join(directory, entry["name"])
     split_files(directory, manifest, entry["split"], entry["dataset"])
-    if _sha256(path) != entry["sha256"]:
+    if integrity.file_sha256(path) != entry["sha256"]:
       raise ShardError(f"shard {path} does not match its sha256 in the manifest: it is corrupt; "
                        "restore it or re-run --mode tokenize")
 
@@ -205,7 +196,7 @@ def _write_into(tmp, rows, layout, tokenizers, datasets, records_per_shard, incl
         writer.write(record)
       writer.close()
       files.append({"name": name, "dataset": dataset, "split": split, "records": len(chunk),
-                    "bytes": os.path.getsize(path), "sha256": _sha256(path)})
+                    "bytes": os.path.getsize(path), "sha256": integrity.file_sha256(path)})
   manifest = {"format_version": FORMAT_VERSION, "row_layout": vars(layout), "tokenizers": tokenizers,
               "datasets": datasets, "counts": counts, "files": files, **(extra or {})}
   for name, source in (include_files or {}).items():

@@ -13,13 +13,9 @@ PACKAGES = ("jax", "jaxlib", "flax", "optax", "orbax-checkpoint", "grain", "nump
 
 
 def file_sha256(path: str) -> str | None:
-  if not os.path.exists(path):
-    return None
-  digest = hashlib.sha256()
-  with open(path, "rb") as f:
-    for block in iter(lambda: f.read(1 << 20), b""):
-      digest.update(block)
-  return digest.hexdigest()
+  """None for a file that is not there (the card records what exists)."""
+  from medim_jax import integrity
+  return integrity.file_sha256(path) if os.path.exists(path) else None
 
 
 def package_versions(names=PACKAGES) -> dict[str, str]:

@@ -17,7 +17,6 @@ from __future__ import annotations
 import json
 import os
 
-import numpy as np
 
 RESULTS_FILE = "reading_study.json"
 CURVE_FINDINGS = ("cardiomegaly", "opacity")
@@ -57,10 +56,8 @@ def measure(config, workdir: str, step: int, examples: int = 180) -> dict:
 
 
 def write_atomically(path: str, value) -> None:
-  temporary = path + ".tmp"
-  with open(temporary, "w") as f:
-    json.dump(value, f, indent=1)
-  os.replace(temporary, path)
+  from medim_jax import integrity
+  integrity.write_text_atomically(path, json.dumps(value, indent=1))
 
 
 def run(config, workdir: str, steps: list[int], out: str | None = None) -> dict:

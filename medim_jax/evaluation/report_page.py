@@ -15,6 +15,8 @@ import os
 import numpy as np
 from PIL import Image
 
+from medim_jax import integrity
+
 SHOWN_PER_TASK = 16
 CSS = """
 body{font-family:system-ui,sans-serif;margin:24px auto;max-width:1180px;color:#222;line-height:1.4}
@@ -95,8 +97,7 @@ def loss_curves(workdir: str) -> str:
                             (os.path.join(workdir, "vq", "metrics.jsonl"), "VQ tokenizer",
                              ("l1", "l2", "psnr"))):
     if os.path.exists(path):
-      with open(path) as f:
-        panels.append((title, keys, [json.loads(line) for line in f if line.strip()]))
+      panels.append((title, keys, [row for _, row in integrity.read_jsonl(path)]))
   if not panels:
     return ""
   figure, axes = plt.subplots(1, len(panels), figsize=(6 * len(panels), 3.6), squeeze=False)

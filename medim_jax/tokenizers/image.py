@@ -7,8 +7,20 @@ from __future__ import annotations
 
 import hashlib
 import os
+import zipfile
 
 import numpy as np
+
+from medim_jax import errors
+
+# What reading a damaged or foreign .npz raises (a truncated file is a BadZipFile or an EOFError).
+UNREADABLE = (OSError, KeyError, ValueError, TypeError, EOFError, zipfile.BadZipFile)
+REBUILD = ("rebuild it: --mode tokenize into a fresh data.shards_dir rebuilds the shards' tokenizers, "
+           "--mode train_vq the trained VQ tokenizer")
+
+
+def _reason(error: Exception) -> str:
+  return f"{type(error).__name__}: {str(error).splitlines()[0][:200] if str(error) else ''}"
 
 
 class PalettePatchTokenizer:
@@ -162,8 +174,9 @@ class PatchKMeansTokenizer:
     try:
       with np.load(path) as data:
         return cls(data["codebook"], int(data["patch"]), int(data["image_size"]))
-    except (OSError, KeyError, ValueError) as e:
-      raise ValueError(f"{path} is not a patch-quantiser file: {e}") from None
+    except UNREADABLE as e:
+      raise errors.InputError(f"{path} is not a readable patch-quantiser file ({_reason(e)}); "
+                              f"{REBUILD}") from None
 
 
 def _nearest(x: np.ndarray, centres: np.ndarray, chunk: int = 16_384) -> np.ndarray:
@@ -278,8 +291,9 @@ class VQTokenizer:
                                 for k, v in json.loads(str(data["config"])).items()})
         flat = {k[len("param:"):]: data[k] for k in data.files if k.startswith("param:")}
         image_size = int(data["image_size"])
-    except (OSError, KeyError, ValueError, TypeError) as e:
-      raise ValueError(f"{path} is not a VQ tokenizer file: {e}") from None
+    except UNREADABLE as e:
+      raise errors.InputError(f"{path} is not a readable VQ tokenizer file ({_reason(e)}); "
+                              f"{REBUILD}") from None
     return cls(config, _unflatten(flat), image_size)
 
 
@@ -329,6 +343,7 @@ def load_image_tokenizer(path: str):
   try:
     with np.load(path) as data:
       kind = str(data["kind"]) if "kind" in data.files else "patch_kmeans"
-  except (OSError, ValueError) as e:
-    raise ValueError(f"{path} is not an image tokenizer file: {e}") from None
+  except UNREADABLE as e:
+    raise errors.InputError(f"{path} is not a readable image tokenizer file ({_reason(e)}); "
+                            f"{REBUILD}") from None
   return VQTokenizer.load(path) if kind == VQTokenizer.KIND else PatchKMeansTokenizer.load(path)

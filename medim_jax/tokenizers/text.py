@@ -102,7 +102,10 @@ class SentencePieceTokenizer(_PieceTokenizer):
     try:
       self.processor = sentencepiece.SentencePieceProcessor(model_proto=proto)
     except RuntimeError as e:
-      raise ValueError(f"{model_path} is not a readable SentencePiece model: {e}") from None
+      from medim_jax import errors
+      raise errors.InputError(f"{model_path} is not a readable SentencePiece model "
+                              f"({str(e).splitlines()[0][:200]}); rebuild it: --mode tokenize into a "
+                              "fresh data.shards_dir") from None
     if self.processor.eos_id() < 0:
       raise ValueError(f"SentencePiece model {model_path} has no EOS piece; reports need one")
     self.path = model_path

@@ -44,15 +44,16 @@ def measure(config, workdir: str, step: int, examples: int = 180) -> dict:
   clinical = evaluate.evaluate(config, workdir, dataset, out_dir=side)["datasets"]["chest"]["clinical"]
   macro = lambda table: table["macro_f1"]
   i2r, r2i = clinical["image_to_report"], clinical["report_to_image"]
-  return {"step": step,
-          "held-out text loss": held_out["text_loss"], "held-out image loss": held_out["image_loss"],
-          "reading AUC": reading["model"], "positives": reading["positives"],
-          "image->report macro F1": macro(i2r["MeDiM"]),
-          "retrieval macro F1": macro(i2r["retrieval baseline"]),
-          "report->image macro F1": macro(r2i["MeDiM"]),
-          "chance macro F1": macro(r2i["chance (random at training prevalence)"]),
-          "image->report F1": {f: v["f1"] for f, v in i2r["MeDiM"].items() if isinstance(v, dict)},
-          "report->image F1": {f: v["f1"] for f, v in r2i["MeDiM"].items() if isinstance(v, dict)}}
+  row = {"step": step,
+         "held-out text loss": held_out["text_loss"], "held-out image loss": held_out["image_loss"],
+         "reading AUC": reading["model"], "positives": reading["positives"],
+         "image->report macro F1": macro(i2r["MeDiM"]),
+         "retrieval macro F1": macro(i2r["retrieval baseline"]),
+         "report->image macro F1": macro(r2i["MeDiM"]),
+         "chance macro F1": macro(r2i["chance (random at training prevalence)"]),
+         "image->report F1": {f: v["f1"] for f, v in i2r["MeDiM"].items() if isinstance(v, dict)},
+         "report->image F1": {f: v["f1"] for f, v in r2i["MeDiM"].items() if isinstance(v, dict)}}
+  return evaluate.finite_or_null(row)  # strict JSON: a finding without positives is null, not NaN
 
 
 def write_atomically(path: str, value) -> None:

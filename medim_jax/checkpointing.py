@@ -94,7 +94,8 @@ class Checkpointer:
 
   def __init__(self, directory: str, max_to_keep: int, keep_period: int = 0,
                remove_half_written: bool = False, on_corrupt: str = "fallback"):
-    """Keeps the newest ``max_to_keep`` sealed checkpoints, and every multiple of ``keep_period``.
+    """Keeps the newest ``max_to_keep`` checkpoints and every multiple of ``keep_period`` (> 0); an
+    older one is removed only after the newer ones are sealed.
 
     remove_half_written: for the run that owns the directory (training): it also seals, applies
     retention and moves corrupt checkpoints aside. Never for a reader that may run beside it

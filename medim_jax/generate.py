@@ -570,7 +570,7 @@ def main():
   from absl import flags
   from ml_collections import config_flags
 
-  from medim_jax import config_checks
+  from medim_jax import cli, config_checks
   parser = argparse.ArgumentParser(prog="python -m medim_jax.generate", description=__doc__,
                                    formatter_class=argparse.RawDescriptionHelpFormatter)
   parser.add_argument("--workdir", required=True, help="a trained run (python -m medim_jax.main)")
@@ -589,7 +589,9 @@ def main():
   parser.add_argument("--out", required=True, help="folder for the PNGs and generated.jsonl")
   parser.add_argument("--seed", type=int, default=0)
   parser.add_argument("--grid", action="store_true", help="also a contact sheet, grid.png")
+  parser.add_argument("--debug", action="store_true", help="on an error, show the traceback")
   args, rest = parser.parse_known_args()
+  cli.configure_logs(args.debug)
   try:
     config = load_config(args.config) if args.config else config_of_workdir(args.workdir)
     unknown = config_checks.unknown_keys(config, rest, args.config or f"{args.workdir}/config.txt")
@@ -602,8 +604,8 @@ def main():
     except flags.Error as e:
       raise errors.InputError(str(e)) from None
     run_command(args, config_flag.value)
-  except (errors.InputError, FileNotFoundError) as e:
-    sys.exit(f"error: {e}")
+  except cli.USER_ERRORS as e:
+    cli.exit_with(e, args.debug)
 
 
 if __name__ == "__main__":

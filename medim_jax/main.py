@@ -5,7 +5,7 @@ Kept tiny on purpose: every mode is a library function that tests and notebooks 
 
 import sys
 
-from absl import app, flags, logging
+from absl import app, flags
 from ml_collections import config_flags
 
 MODES = ("data", "train_vq", "tokenize", "train", "sample", "score", "eval", "all")
@@ -18,20 +18,22 @@ _MODE = flags.DEFINE_enum(
     "data: build medim-demo; train_vq: train the VQ image tokenizer; tokenize: write shards; "
     "train; sample; score (smoke data); eval: generate on the test split, score, write report.html; "
     "all: every stage, each skipped when its output is there (smoke: train, sample, score).")
+_DEBUG = flags.DEFINE_bool("debug", False, "On an error, show the Python traceback and the "
+                           "libraries' logs instead of one line.")
 flags.mark_flags_as_required(["config", "workdir"])
 
 
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-  logging.set_verbosity(logging.WARNING)  # orbax logs every file operation at INFO
-  from medim_jax import errors, jobs  # after flag parsing, so --help stays fast
+  from medim_jax import cli, errors, jobs  # after flag parsing, so --help stays fast
   from medim_jax.parallel import distributed
+  cli.configure_logs(_DEBUG.value)
   try:
     distributed.initialize_from_environment()  # before anything touches a device; no-op for one process
     jobs.run(_CONFIG.value, _WORKDIR.value, _MODE.value)
-  except (FileNotFoundError, errors.InputError, errors.NonFiniteError) as e:
-    sys.exit(f"error: {e}")  # the message names the input and the fix; a traceback adds nothing
+  except cli.USER_ERRORS as e:
+    cli.exit_with(e, _DEBUG.value)  # the message names the input and the fix
   except errors.Preempted as e:
     print(e, file=sys.stderr)
     # The shell's code for death by that signal, so job schedulers see a preemption, not success.

@@ -45,6 +45,9 @@ def test_sampling_without_a_checkpoint_says_to_train_first(tmp_path):
   assert result.returncode == 1
   assert "no checkpoint in" in result.stderr and "train first" in result.stderr
   assert "Traceback" not in result.stderr
+  debug = run_main("--config", "configs/smoke.py:tiny", "--workdir", str(tmp_path), "--mode", "sample",
+                   "--debug", timeout=120)
+  assert debug.returncode == 1 and "Traceback" in debug.stderr and "train first" in debug.stderr
 
 
 def write_labels(folder):

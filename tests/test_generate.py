@@ -5,6 +5,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 
 import numpy as np
 import pytest
@@ -215,3 +216,46 @@ def test_the_command_writes_images_and_a_record_and_nothing_on_bad_input(run, tm
     assert message in lines[0], lines[0]
     assert not (tmp_path / "bad").exists()
   assert tree_digest(workdir) == before
+
+
+KILLABLE_EVAL = """
+import sys
+import time
+from medim_jax import generate, jobs
+workdir = sys.argv[1]
+config = generate.config_of_workdir(workdir)
+config.eval.tasks = "image_to_report,report_to_image"
+config.eval.report_metrics = False
+jobs.run(config, workdir, "eval")
+"""
+
+
+def test_an_eval_killed_while_generating_reuses_only_the_tasks_it_finished(run):
+  _, workdir, _ = run
+  generated = os.path.join(workdir, "eval", "generated")
+  env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="")
+  command = [sys.executable, "-c", KILLABLE_EVAL, workdir]
+  process = subprocess.Popen(command, cwd=ROOT, env=env, stdout=subprocess.DEVNULL,
+                             stderr=subprocess.PIPE, text=True)
+  finished_key = os.path.join(generated, "image_to_report", "key.txt")
+  deadline = time.monotonic() + 200
+  while not os.path.exists(finished_key):
+    assert process.poll() is None, process.stderr.read()[-3000:]
+    assert time.monotonic() < deadline
+    time.sleep(0.005)
+  process.kill()  # SIGKILL while the second task is generating
+  process.wait()
+  partial = os.path.join(generated, "report_to_image")
+  assert not os.path.exists(os.path.join(partial, "key.txt"))
+  os.makedirs(partial, exist_ok=True)  # as if killed while writing its tokens
+  with open(os.path.join(partial, "tokens.npy"), "wb") as f:
+    f.write(b"\x93NUMPY half")
+  finished = tree_digest(os.path.join(generated, "image_to_report"))
+
+  rerun = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=280)
+  assert rerun.returncode == 0, rerun.stderr[-3000:]
+  assert "image_to_report: reusing" in rerun.stdout
+  assert "report_to_image: reusing" not in rerun.stdout
+  assert tree_digest(os.path.join(generated, "image_to_report")) == finished
+  assert np.load(os.path.join(partial, "tokens.npy")).shape[0] == 4  # made again, whole
+  assert os.path.exists(os.path.join(partial, "key.txt"))

@@ -320,3 +320,42 @@ def test_a_sealed_checkpoint_that_fails_to_restore_for_another_reason_is_not_mov
     owner.restore({"w": np.zeros((8,), np.float32), "b": np.zeros((7,), np.float32)})
   owner.close()
   assert (tmp_path / "1").exists() and not list(tmp_path.glob("corrupt-*"))
+
+
+SAVE_UNDER_A_FILE_SIZE_LIMIT = """
+import resource, sys
+import numpy as np
+from medim_jax import checkpointing, cli
+cli.configure_logs(debug=False)
+resource.setrlimit(resource.RLIMIT_FSIZE, (200_000, 200_000))  # Python ignores SIGXFSZ: EFBIG
+checkpointer = checkpointing.Checkpointer(sys.argv[1], max_to_keep=3, remove_half_written=True)
+try:
+  checkpointer.save(2, {"w": np.random.RandomState(2).rand(300_000).astype(np.float32)})
+  checkpointer.close()
+except cli.USER_ERRORS as e:
+  cli.exit_with(e, debug=False)
+"""
+
+
+def test_a_save_the_disk_refuses_is_one_error_and_the_previous_checkpoint_stays(tmp_path):
+  state = {"w": np.random.RandomState(1).rand(300_000).astype(np.float32)}  # ~1.2 MB, incompressible
+  checkpointer = checkpointing.Checkpointer(str(tmp_path), max_to_keep=3, remove_half_written=True)
+  checkpointer.save(1, state)
+  checkpointer.close()
+  intact = digests(tmp_path / "1")
+
+  result = subprocess.run([sys.executable, "-c", SAVE_UNDER_A_FILE_SIZE_LIMIT, str(tmp_path)],
+                          cwd=REPO, capture_output=True, text=True, timeout=120,
+                          env=dict(os.environ, JAX_PLATFORMS="cpu"))
+  assert result.returncode == 1
+  assert result.stderr.startswith(f"error: saving checkpoint {tmp_path}/2 failed"), result.stderr[-3000:]
+  assert "File too large" in result.stderr and "Intact checkpoints: [1]" in result.stderr
+  assert "resume from checkpoint 1" in result.stderr
+  assert len(result.stderr.strip().splitlines()) == 1 and "Traceback" not in result.stderr
+  assert list(tmp_path.glob(f"2{checkpointing.TMP_MARKER}*"))  # what the refused save left
+
+  owner = checkpointing.Checkpointer(str(tmp_path), max_to_keep=3, remove_half_written=True)
+  assert owner.all_steps() == [1] and not list(tmp_path.glob(f"*{checkpointing.TMP_MARKER}*"))
+  np.testing.assert_array_equal(owner.restore({"w": np.zeros_like(state["w"])})["w"], state["w"])
+  owner.close()
+  assert digests(tmp_path / "1") == intact

@@ -151,16 +151,20 @@ if __name__ == "__main__":
   _PLOT = flags.DEFINE_string("plot", None, "Draw the curves of the JSON files given as arguments "
                               "into this PNG (and print their table) instead of measuring.")
   _LABELS = flags.DEFINE_list("labels", [], "Names of the runs in --plot (default: their folders).")
+  _DEBUG = flags.DEFINE_bool("debug", False, "On an error, show the traceback instead of one line.")
 
   def main(argv):
-    from absl import logging
-    logging.set_verbosity(logging.WARNING)
+    from medim_jax import cli
+    cli.configure_logs(_DEBUG.value)
     if _PLOT.value:
       plot(argv[1:], _PLOT.value, _LABELS.value or None)
       print(table(argv[1:], _LABELS.value or None))
       return
     if not _CONFIG.value or not _WORKDIR.value or not _STEPS.value:
       raise app.UsageError("--config, --workdir and --steps are required to measure")
-    run(_CONFIG.value, _WORKDIR.value, [int(s) for s in _STEPS.value], _OUT.value)
+    try:
+      run(_CONFIG.value, _WORKDIR.value, [int(s) for s in _STEPS.value], _OUT.value)
+    except cli.USER_ERRORS as e:
+      cli.exit_with(e, _DEBUG.value)
 
   app.run(main)

@@ -201,7 +201,10 @@ def get_config(arg=None):
   config.eval.report_metrics = True     # BLEU/METEOR/ROUGE/CIDEr (needs the eval extra; java for COCO)
 
   config.sample = ml_collections.ConfigDict()
-  config.sample.strategy = "confidence"  # confidence (original, MaskGIT-style) | ancestral (MDLM)
+  # confidence (original, MaskGIT-style) | ancestral (MDLM) | adaptive: threshold (Fast-dLLM) |
+  # margin | entropy_bound (EB-sampler), which reveal as many tokens a step as the model is sure of
+  # and take the step counts below as a maximum.
+  config.sample.strategy = "confidence"
   config.sample.text_steps = 128
   config.sample.image_steps = 128
   config.sample.reveal_schedule = "arccos"  # arccos (original) | cosine | linear
@@ -211,6 +214,10 @@ def get_config(arg=None):
   config.sample.temperature = 1.0
   config.sample.time_input = "mask_ratio"  # mask_ratio | nominal (original)
   config.sample.final_t = 1e-5
+  # Adaptive strategies: the drawn token's probability (threshold), top-1 minus top-2 probability
+  # (margin), or the entropies revealed in one step summed, in nats (entropy_bound).
+  config.sample.reveal_threshold = 0.9
+  config.sample.early_exit = True       # end the loop once no row has a MASK left
   config.sample.tasks = "report_to_image,image_to_report,joint"
   config.sample.num_examples = 64       # per task, from the eval split
   config.sample.batch_size = 64

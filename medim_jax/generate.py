@@ -92,6 +92,7 @@ class Generation:
   tokens: np.ndarray              # (N, L) joint ids
   image_confidence: np.ndarray    # (N, grid, grid) float32
   report_confidence: list         # per row: [(token text, probability or NaN), ...] up to EOS
+  model_calls: np.ndarray | None = None  # (N,) model evaluations each row took (x2 with CFG)
 
 
 class MeDiMPipeline:
@@ -237,7 +238,7 @@ class MeDiMPipeline:
     masked = inputs == self.layout.mask_id
     steps = (sampler.config.text_steps if masked[:, self.layout.text_slice].any() else 0,
              sampler.config.image_steps if masked[:, self.layout.image_slice].any() else 0)
-    batch_size, tokens, probs = self.config.sample.batch_size, [], []
+    batch_size, tokens, probs, calls = self.config.sample.batch_size, [], [], []
     bar = progress.bar(-(-len(inputs) // batch_size), "generate", "batch", progress_bar)
     for start in range(0, len(inputs), batch_size):
       rows = inputs[start:start + batch_size]
@@ -246,9 +247,11 @@ class MeDiMPipeline:
                       segment_steps=steps)
       tokens.append(np.asarray(out.tokens))
       probs.append(np.asarray(out.reveal_prob))
+      calls.append(np.asarray(out.model_calls))
       bar.update(1)
     bar.close()
-    return self.decode(np.concatenate(tokens), np.concatenate(probs))
+    return dataclasses.replace(self.decode(np.concatenate(tokens), np.concatenate(probs)),
+                               model_calls=np.concatenate(calls))
 
   def decode(self, tokens: np.ndarray, probs: np.ndarray | None = None) -> Generation:
     if probs is None:
@@ -532,6 +535,8 @@ def write_outputs(out_dir: str, records: list[dict], out: Generation, pipe: MeDi
       record["report_out"] = out.reports[i]
       record["report_confidence"] = [[text, p] for (text, _), p in
                                      zip(pieces, _rounded([p for _, p in pieces]))]
+    if out.model_calls is not None:
+      record["model_calls"] = int(out.model_calls[i])
     lines.append(json.dumps({**record, "seed": seed, "checkpoint_step": pipe.step,
                              "sampler": settings}))
   integrity.write_text_atomically(os.path.join(out_dir, "generated.jsonl"), "\n".join(lines) + "\n")

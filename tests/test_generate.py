@@ -184,6 +184,7 @@ def test_the_command_writes_images_and_a_record_and_nothing_on_bad_input(run, tm
   assert done.returncode == 0, done.stderr[-2000:]
   record = json.loads((out / "generated.jsonl").read_text())
   assert record["task"] == "report_to_image" and record["checkpoint_step"] == 4
+  assert record["model_calls"] == 2  # --config.sample.image_steps=2
   assert record["sampler"]["image_steps"] == 2 and (out / record["image_out"]).exists()
   assert np.asarray(record["image_confidence"]).shape == (4, 4) and "report_out" not in record
   assert (out / "000_confidence.png").exists() and (out / "grid.png").exists()

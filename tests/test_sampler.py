@@ -34,7 +34,7 @@ def random_partial_mask(batch=6, seed=0):
   return tokens, np.where(rng.random(tokens.shape) < 0.6, LAYOUT.mask_id, tokens).astype(np.int32)
 
 
-CASES = [(strategy, task) for strategy in sampler_lib.STRATEGIES
+CASES = [(strategy, task) for strategy in sampler_lib.FIXED_STRATEGIES
          for task in (*sampler_lib.GENERATION_TASKS, "infill")]
 
 
@@ -57,7 +57,7 @@ def test_conditions_kept_masks_gone_and_ids_in_their_modality(strategy, task):
   assert (reveal[given] == -1).all() and (reveal[~given] >= 0).all() and (reveal[~given] < num_steps).all()
 
 
-@pytest.mark.parametrize("strategy", sampler_lib.STRATEGIES)
+@pytest.mark.parametrize("strategy", sampler_lib.FIXED_STRATEGIES)
 def test_a_revealed_token_never_changes(strategy):
   """Record the state the model sees at every step: once a position is revealed it stays put."""
   seen = []
@@ -75,7 +75,7 @@ def test_a_revealed_token_never_changes(strategy):
     np.testing.assert_array_equal(after[revealed], before[revealed])
 
 
-@pytest.mark.parametrize("strategy", sampler_lib.STRATEGIES)
+@pytest.mark.parametrize("strategy", sampler_lib.FIXED_STRATEGIES)
 def test_a_sample_does_not_depend_on_the_batch_it_is_in(strategy):
   _, x = inputs("joint", batch=64, seed=5)
   ids = np.arange(100, 164)
@@ -118,7 +118,7 @@ def test_confidence_sampler_reveals_per_segment_on_its_own_schedule():
     np.testing.assert_array_equal(np.cumsum(counts), np.round(9 * np.arange(1, 6) / 5))
 
 
-@pytest.mark.parametrize("strategy", sampler_lib.STRATEGIES)
+@pytest.mark.parametrize("strategy", sampler_lib.FIXED_STRATEGIES)
 def test_reveal_prob_is_the_probability_the_model_gave_each_drawn_token(strategy):
   """A model with fixed logits: the recorded probability of every generated token is its
   restricted softmax probability; given tokens record NaN."""
@@ -203,3 +203,65 @@ def test_task_inputs_mask_what_each_task_generates():
   assert joint[:, image].all()
   np.testing.assert_array_equal(joint[:, text], np.arange(5)[None] >= prompt[:, None])
   assert masked("unconditional").all()
+
+
+def test_adaptive_reveal_takes_the_sure_positions_and_always_at_least_one():
+  candidates = jnp.asarray([[True, True, True, True, False], [False] * 5])
+  probability = jnp.asarray([[0.95, 0.5, 0.91, 0.2, 0.99]] * 2)
+  choose = lambda score, strategy, threshold: np.asarray(
+      sampler_lib.adaptive_reveal(candidates, score, strategy, threshold)).astype(int).tolist()
+  assert choose(probability, "threshold", 0.9) == [[1, 0, 1, 0, 0], [0] * 5]
+  assert choose(probability, "margin", 0.0) == [[1, 1, 1, 1, 0], [0] * 5]
+  assert choose(probability, "threshold", 1.0) == [[1, 0, 0, 0, 0], [0] * 5]  # the surest one
+  # entropy_bound: entropies 0.1 (pos 2) + 0.3 (pos 0) = 0.4 <= 0.5; adding 0.5 (pos 3) passes it.
+  minus_entropy = -jnp.asarray([[0.3, 1.0, 0.1, 0.5, 0.0]] * 2)
+  assert choose(minus_entropy, "entropy_bound", 0.5) == [[1, 0, 1, 0, 0], [0] * 5]
+  assert choose(minus_entropy, "entropy_bound", 0.0) == [[0, 0, 1, 0, 0], [0] * 5]
+  assert choose(minus_entropy, "entropy_bound", 10.0) == [[1, 1, 1, 1, 0], [0] * 5]
+
+
+def test_threshold_zero_reveals_everything_at_once_and_one_reveals_a_token_per_segment_per_step():
+  _, x = inputs("joint")
+  generate = x == LAYOUT.mask_id
+  everything = make_sampler(strategy="threshold", reveal_threshold=0.0)(PARAMS, x, np.arange(len(x)))
+  assert (np.asarray(everything.reveal_step)[generate] == 0).all()
+  np.testing.assert_array_equal(everything.model_calls, 1)
+
+  steps = LAYOUT.seq_length  # room for one token per step
+  one_by_one = make_sampler(strategy="threshold", reveal_threshold=1.0, text_steps=steps,
+                            image_steps=steps)(PARAMS, x, np.arange(len(x)))
+  reveal_step, modality = np.asarray(one_by_one.reveal_step), LAYOUT.modality()
+  for row in range(len(x)):
+    per_segment = [np.sort(reveal_step[row][generate[row] & (modality == m)]) for m in (TEXT, IMAGE)]
+    for revealed in per_segment:
+      np.testing.assert_array_equal(revealed, np.arange(len(revealed)))
+    assert one_by_one.model_calls[row] == max(len(r) for r in per_segment)
+  assert not (np.asarray(one_by_one.tokens) == LAYOUT.mask_id).any()
+
+
+# Thresholds at which the tiny random model reveals several tokens in some steps and one in others.
+@pytest.mark.parametrize("strategy,threshold", [("threshold", 0.15), ("margin", 0.001),
+                                                ("entropy_bound", 4.0)])
+def test_adaptive_strategies_keep_conditions_fill_every_mask_and_ignore_the_batch(strategy, threshold):
+  _, x = random_partial_mask(batch=6, seed=4)
+  given = x != LAYOUT.mask_id
+  sampler = make_sampler(strategy=strategy, reveal_threshold=threshold, text_steps=12, image_steps=12)
+  out = sampler(PARAMS, x, np.arange(6), seed=2)
+  tokens = np.asarray(out.tokens)
+  np.testing.assert_array_equal(tokens[given], x[given])
+  assert not (tokens == LAYOUT.mask_id).any()
+  modality = LAYOUT.modality()
+  assert (tokens[:, modality == TEXT] < LAYOUT.text_vocab_size).all()
+  assert (tokens[:, modality == IMAGE] >= LAYOUT.image_offset).all()
+  calls = np.asarray(out.model_calls)
+  masked = (~given).sum(1)
+  assert (calls >= 1).all() and (calls < masked).any() and calls.max() < 12  # the loop ended early
+  assert (np.asarray(out.reveal_step)[~given] < calls[np.nonzero(~given)[0]]).all()
+
+  alone = sampler(PARAMS, x[4:], np.arange(4, 6), seed=2)  # rows 4 and 5 without the others
+  np.testing.assert_array_equal(alone.tokens, tokens[4:])
+  np.testing.assert_array_equal(alone.model_calls, calls[4:])
+  every_step = make_sampler(strategy=strategy, reveal_threshold=threshold, text_steps=12,
+                            image_steps=12, early_exit=False)(PARAMS, x, np.arange(6), seed=2)
+  for name in ("tokens", "reveal_step", "model_calls"):
+    np.testing.assert_array_equal(getattr(every_step, name), getattr(out, name))

@@ -15,6 +15,18 @@ Strategies:
 Image and text segments may use their own step counts: both run in one loop of
 ``max(steps)`` iterations, each segment's reveals spread evenly over it.
 
+Adaptive strategies reveal as many tokens per step as the model is sure of, so easy samples take
+fewer model calls; ``max(steps)`` is then only the most a row may take (the last step reveals all
+that is left). Each reveals at least one token per row and segment per step:
+- ``threshold`` (Fast-dLLM): every masked position whose drawn token has probability above
+  ``reveal_threshold``;
+- ``margin``: every position whose top-1 minus top-2 probability is above ``reveal_threshold``;
+- ``entropy_bound`` (EB-sampler): positions in order of increasing entropy, as long as the
+  entropies revealed add up to at most ``reveal_threshold`` nats.
+With ``early_exit`` the loop ends once no row has a MASK left (a ``while_loop``); a finished row
+never changes, so this returns what running every step returns. ``SampleOutput.model_calls`` counts
+the steps each row used.
+
 Randomness is per example: the key of example ``i`` at step ``j`` is
 ``fold_in(fold_in(PRNGKey(seed), example_id[i]), j)``, so a sample does not depend on the batch
 it is generated in. Non-finite model outputs are recorded per example and raised by
@@ -35,7 +47,9 @@ from medim_jax.diffusion import loss as loss_lib
 from medim_jax.diffusion.schedules import MaskingSchedule
 from medim_jax.tokenizers.vocab import IMAGE, MODALITY_NAMES, TEXT, TokenLayout
 
-STRATEGIES = ("confidence", "ancestral")
+FIXED_STRATEGIES = ("confidence", "ancestral")           # a set number of tokens per step
+ADAPTIVE_STRATEGIES = ("threshold", "margin", "entropy_bound")  # as many as the model is sure of
+STRATEGIES = FIXED_STRATEGIES + ADAPTIVE_STRATEGIES
 REVEAL_SCHEDULES = ("arccos", "cosine", "linear")
 
 
@@ -51,6 +65,8 @@ class SamplerConfig:
   temperature: float = 1.0             # of the token draw
   time_input: str = "mask_ratio"       # "mask_ratio": sigma from the actual masked fraction; "nominal"
   final_t: float = 1e-5
+  reveal_threshold: float = 0.9        # adaptive strategies: probability, margin, or entropy (nats)
+  early_exit: bool = True              # stop the loop once every row is finished
 
   def __post_init__(self):
     if self.strategy not in STRATEGIES:
@@ -63,6 +79,8 @@ class SamplerConfig:
       raise ValueError("text_steps and image_steps must be >= 1")
     if self.temperature <= 0:
       raise ValueError(f"temperature must be positive, got {self.temperature}")
+    if self.reveal_threshold < 0:
+      raise ValueError(f"reveal_threshold must be >= 0, got {self.reveal_threshold}")
 
   @classmethod
   def from_config(cls, cfg) -> "SamplerConfig":
@@ -79,6 +97,8 @@ class SampleOutput:
   nonfinite_step: jax.Array  # (B,) int32: first step with a non-finite model output, -1 if none
   reveal_prob: jax.Array     # (B, L) float32: the probability the (guided, tempered) distribution
                              # gave the token when it was revealed; NaN where the token was given
+  model_calls: jax.Array     # (B,) int32: model evaluations the row took (loop steps with a MASK
+                             # left, plus the final argmax pass); each is 2 forward passes with CFG
 
 
 def cumulative_reveal_fraction(schedule: str, steps: int) -> np.ndarray:
@@ -107,6 +127,35 @@ def confidence_reveal(candidates, confidence, initial_masked, fraction_after, st
   ranked = jnp.where(candidates, confidence, -jnp.inf)
   rank = jnp.argsort(jnp.argsort(-ranked, axis=1, stable=True), axis=1)
   return candidates & (rank < count[:, None])
+
+
+def adaptive_reveal(candidates, score, strategy: str, threshold: float):
+  """An adaptive strategy's choice for one segment: (B, L) bool.
+
+  candidates: (B, L) still masked. score: (B, L) the drawn token's probability (``threshold``),
+  the top-1 minus top-2 probability (``margin``) or minus the entropy (``entropy_bound``). The best
+  scored candidate of each row is always revealed, so every step makes progress."""
+  ranked = jnp.where(candidates, score, -jnp.inf)
+  best = candidates & (jnp.arange(score.shape[1])[None] == jnp.argmax(ranked, axis=1)[:, None])
+  if strategy == "entropy_bound":
+    entropy = jnp.where(candidates, -score, 0.0)
+    order = jnp.argsort(jnp.where(candidates, entropy, jnp.inf), axis=1, stable=True)
+    within = jnp.cumsum(jnp.take_along_axis(entropy, order, axis=1), axis=1) <= threshold
+    chosen = jnp.take_along_axis(within, jnp.argsort(order, axis=1), axis=1)  # back in place
+  else:
+    chosen = score > threshold
+  return (candidates & chosen) | best
+
+
+def adaptive_score(strategy: str, log_probs, chosen):
+  """The per-position certainty an adaptive strategy ranks by (higher = surer)."""
+  if strategy == "threshold":
+    return jnp.exp(chosen)
+  if strategy == "margin":
+    top2 = jnp.exp(jax.lax.top_k(log_probs, 2)[0])
+    return top2[..., 0] - top2[..., 1]
+  probs = jnp.exp(log_probs)
+  return jnp.sum(jnp.where(probs > 0, probs * log_probs, 0.0), axis=-1)  # minus the entropy
 
 
 def example_keys(seed: jax.Array, example_ids: jax.Array, step) -> jax.Array:
@@ -224,10 +273,17 @@ class Sampler:
       s = segment_steps[seg]
       return (step * s) // num_steps, ((step + 1) * s) // num_steps
 
-    def body(step, carry):
-      x, reveal_step, nonfinite_step, reveal_prob = carry
-      t = jnp.full((batch,), 1.0 - step / num_steps * (1.0 - cfg.final_t), jnp.float32)
+    adaptive = cfg.strategy in ADAPTIVE_STRATEGIES
+
+    def body(carry):
+      step, x, reveal_step, nonfinite_step, reveal_prob, model_calls = carry
       masked = x == layout.mask_id
+      if adaptive:  # time follows each row's own progress, which is not set by the step
+        left = masked.sum(1) / jnp.maximum(generate.sum(1), 1)
+        t = jnp.clip(left, cfg.final_t, 1.0).astype(jnp.float32)
+      else:
+        t = jnp.full((batch,), 1.0 - step / num_steps * (1.0 - cfg.final_t), jnp.float32)
+      model_calls = model_calls + jnp.any(masked, axis=1)
       log_probs, nonfinite = self._guided_log_probs(params, x, given, self._sigma(x, generate, t), t)
       nonfinite_step = jnp.where(nonfinite & (nonfinite_step < 0), step, nonfinite_step)
 
@@ -239,6 +295,8 @@ class Sampler:
       noise = jax.vmap(lambda k: noise_fn(k, (length,)))(noise_keys[:, 0])
       if cfg.strategy == "confidence":
         confidence = chosen + cfg.gumbel_scale * t[:, None] * noise
+      if adaptive:
+        score = adaptive_score(cfg.strategy, log_probs, chosen)
 
       reveal = jnp.zeros_like(masked)
       for seg, seg_mask in enumerate(in_segment):
@@ -246,7 +304,10 @@ class Sampler:
           continue
         done_before, done_after = segment_progress(step, seg)
         candidates = masked & seg_mask[None]
-        if cfg.strategy == "confidence":
+        if adaptive:  # the last step reveals whatever is left
+          reveal |= jnp.where(step == num_steps - 1, candidates,
+                              adaptive_reveal(candidates, score, cfg.strategy, cfg.reveal_threshold))
+        elif cfg.strategy == "confidence":
           reveal |= confidence_reveal(candidates, confidence, initial_masked[seg],
                                       fractions[seg][done_after], done_after)
         else:
@@ -259,13 +320,20 @@ class Sampler:
       x = jnp.where(reveal, sampled, x)
       reveal_step = jnp.where(reveal, step, reveal_step)
       reveal_prob = jnp.where(reveal, jnp.exp(chosen), reveal_prob)
-      return x, reveal_step, nonfinite_step, reveal_prob
+      return step + 1, x, reveal_step, nonfinite_step, reveal_prob, model_calls
 
-    init = (tokens, jnp.where(given, -1, num_steps).astype(jnp.int32), jnp.full((batch,), -1, jnp.int32),
-            jnp.full((batch, length), jnp.nan, jnp.float32))
-    x, reveal_step, nonfinite_step, reveal_prob = jax.lax.fori_loop(0, num_steps, body, init)
+    def unfinished(carry):
+      step, x = carry[:2]
+      more = step < num_steps
+      return (more & jnp.any(x == layout.mask_id)) if cfg.early_exit else more
 
-    def final_fill(x, nonfinite_step, reveal_prob):
+    init = (jnp.asarray(0, jnp.int32), tokens, jnp.where(given, -1, num_steps).astype(jnp.int32),
+            jnp.full((batch,), -1, jnp.int32), jnp.full((batch, length), jnp.nan, jnp.float32),
+            jnp.zeros((batch,), jnp.int32))
+    _, x, reveal_step, nonfinite_step, reveal_prob, model_calls = jax.lax.while_loop(
+        unfinished, body, init)
+
+    def final_fill(x, nonfinite_step, reveal_prob, model_calls):
       """Argmax at t ~ 0 for whatever is still masked (e.g. ancestral with alpha(0) < 1)."""
       t = jnp.full((batch,), cfg.final_t, jnp.float32)
       log_probs, nonfinite = self._guided_log_probs(params, x, given, self._sigma(x, generate, t), t)
@@ -274,12 +342,15 @@ class Sampler:
       nonfinite_step = jnp.where(nonfinite & (nonfinite_step < 0), num_steps, nonfinite_step)
       best = jnp.argmax(log_probs, -1)
       best_prob = jnp.exp(jnp.max(log_probs, -1))
-      return jnp.where(left, best, x), nonfinite_step, jnp.where(left, best_prob, reveal_prob)
+      return (jnp.where(left, best, x), nonfinite_step, jnp.where(left, best_prob, reveal_prob),
+              model_calls + left.any(axis=1))
 
-    x, nonfinite_step, reveal_prob = jax.lax.cond(
-        jnp.any(x == layout.mask_id), final_fill, lambda *carry: carry, x, nonfinite_step, reveal_prob)
+    x, nonfinite_step, reveal_prob, model_calls = jax.lax.cond(
+        jnp.any(x == layout.mask_id), final_fill, lambda *carry: carry, x, nonfinite_step,
+        reveal_prob, model_calls)
     return SampleOutput(tokens=x.astype(jnp.int32), reveal_step=reveal_step,
-                        nonfinite_step=nonfinite_step, reveal_prob=reveal_prob)
+                        nonfinite_step=nonfinite_step, reveal_prob=reveal_prob,
+                        model_calls=model_calls)
 
 
 def check_finite(out: SampleOutput, example_ids) -> None:

@@ -24,6 +24,7 @@ import numpy as np
 
 from medim_jax import integrity, sample, train
 from medim_jax.data import base as data_base
+from medim_jax.data import build as data_build
 from medim_jax.evaluation import card as card_lib
 from medim_jax.evaluation import clinical, ground_truth, image_metrics, memorisation
 
@@ -34,7 +35,7 @@ def evaluate(config, workdir: str, dataset=None, out_dir: str | None = None) -> 
   """Generate, score and write metrics.json and the page. ``out_dir`` (default ``WORKDIR/eval``,
   with the page at ``WORKDIR/report.html``) keeps a side evaluation, e.g. the reading study's on
   the validation split, from overwriting the run's own (the page then goes into ``out_dir``)."""
-  dataset = dataset or data_base.build_dataset(config, workdir)
+  dataset = dataset or data_build.build_dataset(config, workdir)
   if not hasattr(dataset, "manifests"):
     raise ValueError(f"--mode eval scores shard data (medim_demo or folders); config.data.name is "
                      f"{config.data.name!r} (smoke data is scored by --mode score)")

@@ -112,14 +112,14 @@ class MeDiMPipeline:
     config.sample.use_ema. ``config``: None reads the run's own (``workdir/config.txt``); or a
     ConfigDict, or a file "configs/demo.py[:arg]"."""
     from medim_jax import sample, train
-    from medim_jax.data import base as data_base
+    from medim_jax.data import build as data_build
     if not os.path.isdir(os.path.join(workdir, "checkpoints")):
       raise errors.InputError(f"{workdir} has no checkpoints/: train first "
                               f"(python -m medim_jax.main --workdir {workdir} --mode train)")
     config = load_config(config) if config is not None else config_of_workdir(workdir)
     with config.unlocked():
       config.data.verify_shards = False  # only the tokenizers and the layout are read
-    dataset = data_base.build_dataset(config, workdir)
+    dataset = data_build.build_dataset(config, workdir)
     trainer = train.Trainer(config, dataset.layout)
     try:
       params, step = sample.load_sampling_params(config, workdir, trainer, step)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 
 from medim_jax import sample, train
-from medim_jax.data import base as data_base
+from medim_jax.data import build as data_build
 
 SHARD_DATA = ("medim_demo", "folders")
 
@@ -33,7 +33,7 @@ def run(config, workdir: str, mode: str) -> None:
     tokenize.tokenize(config, workdir)
   if mode == "tokenize":
     return
-  dataset = data_base.build_dataset(config, workdir)
+  dataset = data_build.build_dataset(config, workdir)
   if mode in ("train", "all"):
     train.train_and_evaluate(config, workdir, dataset)
   if mode in ("sample", "all"):
@@ -58,7 +58,7 @@ def run_all_stages(config, workdir: str) -> None:
   if needs_tokenize(config, workdir):
     from medim_jax.data import tokenize
     tokenize.tokenize(config, workdir)
-  dataset = data_base.build_dataset(config, workdir)
+  dataset = data_build.build_dataset(config, workdir)
   train.train_and_evaluate(config, workdir, dataset)
   evaluate.evaluate(config, workdir, dataset)
 

@@ -10,6 +10,7 @@ import numpy as np
 
 from medim_jax import checkpointing, progress, train, visualize
 from medim_jax.data import base as data_base
+from medim_jax.data import build as data_build
 from medim_jax.diffusion import sampler as sampler_lib
 from medim_jax.parallel import sharding
 
@@ -44,7 +45,7 @@ def tasks_from_config(config) -> list[str]:
 
 def generate(config, workdir: str, dataset: data_base.PairedDataset | None = None) -> dict:
   """Generate config.sample.num_examples per task from the eval split; returns tokens per task."""
-  dataset = dataset or data_base.build_dataset(config, workdir)
+  dataset = dataset or data_build.build_dataset(config, workdir)
   trainer = train.Trainer(config, dataset.layout)
   params, step = load_sampling_params(config, workdir, trainer)
   split = dataset.eval

@@ -16,6 +16,7 @@ from flax import nnx
 
 from medim_jax import checkpointing, errors, integrity, loss_watch, preemption, progress as progress_bars
 from medim_jax.data import base as data_base
+from medim_jax.data import build as data_build
 from medim_jax.diffusion import corruption, loss as loss_lib, schedules
 from medim_jax.models import code_embedding, transformer
 from medim_jax.parallel import mesh as mesh_lib, sharding
@@ -329,7 +330,7 @@ def train_and_evaluate(config, workdir: str, dataset: data_base.PairedDataset | 
   On SIGTERM/SIGINT the current step finishes, a checkpoint is saved and ``errors.Preempted`` is
   raised; a non-finite step is handled as config.train.on_nonfinite says (see loss_watch).
   """
-  dataset = dataset or data_base.build_dataset(config, workdir)
+  dataset = dataset or data_build.build_dataset(config, workdir)
   train_cfg = config.train
   finding_labels = finding_labels_for(config, dataset)
   with_labels = (lambda batch: batch) if finding_labels is None else finding_labels

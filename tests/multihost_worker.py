@@ -15,12 +15,12 @@ def main(port: str, process_id: str, out_path: str):
   from jax.experimental import multihost_utils
 
   from medim_jax import train
-  from medim_jax.data import base as data_base
+  from medim_jax.data import build as data_build
   from tests.test_parallel import config_on
 
   config = config_on((2, 2, 1))  # 4 devices: 2 per process
   config.mesh.num_devices = 0
-  dataset = data_base.build_dataset(config)
+  dataset = data_build.build_dataset(config)
   trainer = train.Trainer(config, dataset.layout)
   state, batches, losses = trainer.init_state(0), dataset.train_iterator(8, seed=0), []
   half = slice(4 * jax.process_index(), 4 * jax.process_index() + 4)

@@ -6,7 +6,8 @@ import numpy as np
 import pytest
 
 from configs import smoke as smoke_config
-from medim_jax.data import base as data_base, smoke
+from medim_jax.data import smoke
+from medim_jax.data import build as data_build
 from medim_jax.evaluation import smoke_scoring
 from medim_jax.tokenizers.text import WordTokenizer
 from medim_jax.tokenizers.vocab import TokenLayout
@@ -14,11 +15,11 @@ from medim_jax.tokenizers.vocab import TokenLayout
 
 @pytest.fixture(scope="module")
 def dataset():
-  return data_base.build_dataset(smoke_config.get_config("tiny"))
+  return data_build.build_dataset(smoke_config.get_config("tiny"))
 
 
 def test_smoke_data_is_deterministic_and_tokens_follow_the_layout(dataset):
-  again = data_base.build_dataset(smoke_config.get_config("tiny"))
+  again = data_build.build_dataset(smoke_config.get_config("tiny"))
   np.testing.assert_array_equal(dataset.train.tokens, again.train.tokens)
   layout = dataset.layout
   text, codes = layout.split(dataset.train.tokens)

@@ -338,14 +338,14 @@ def test_config_mismatches_are_named(tmp_path, checkpoint):
 def test_training_starts_from_the_checkpoint_on_a_mesh(checkpoint):
   from configs import smoke
   from medim_jax import train
-  from medim_jax.data import base as data_base
+  from medim_jax.data import build as data_build
   config = smoke.get_config("tiny")
   config.model.update(dict(d_model=HIDDEN, num_layers=LAYERS, num_heads=HEADS, num_kv_heads=KV_HEADS,
                            head_dim=HEAD_DIM, mlp_dim=MLP, pretrained_dir=checkpoint,
                            pretrained_image_token_offset=IMAGE_ROWS))
   config.mesh.update(dict(num_devices=8, data=2, fsdp=4, tensor=1))
   config.train.ema_decay = 0.9
-  dataset = data_base.build_dataset(config)
+  dataset = data_build.build_dataset(config)
   trainer = train.Trainer(config, dataset.layout)
   state = trainer.init_state(0)
   expected = hf_gemma.load(checkpoint, trainer.model.config, dataset.layout, seed=0,

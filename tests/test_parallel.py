@@ -8,7 +8,7 @@ import pytest
 
 from configs import smoke
 from medim_jax import checkpointing, errors, train
-from medim_jax.data import base as data_base
+from medim_jax.data import build as data_build
 from medim_jax.parallel import mesh as mesh_lib, sharding
 
 
@@ -26,7 +26,7 @@ def config_on(mesh=(1, 1, 1)):
 
 @pytest.fixture(scope="module")
 def dataset():
-  return data_base.build_dataset(config_on())
+  return data_build.build_dataset(config_on())
 
 
 def run_steps(config, dataset, steps=2):

@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 
 from medim_jax import checkpointing, errors, loss_watch, train
-from medim_jax.data import base as data_base
+from medim_jax.data import build as data_build
 from tests.test_train import assert_trees_equal, tiny_config
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -73,7 +73,7 @@ def train_rows(workdir):
 
 @pytest.fixture(scope="module")
 def dataset():
-  return data_base.build_dataset(tiny_config())
+  return data_build.build_dataset(tiny_config())
 
 
 def test_killed_at_random_steps_and_resumed_equals_the_uninterrupted_run(dataset, tmp_path):

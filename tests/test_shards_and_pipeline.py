@@ -189,13 +189,13 @@ def test_batches_are_in_the_model_layout(shard_dir):
 
 
 def test_training_refuses_shards_made_with_other_data_settings(folder_root, shard_dir):
-  from medim_jax.data import base
+  from medim_jax.data import build as data_build
   config = folders_config(folder_root, shard_dir)
-  assert base.build_dataset(config, "unused").layout.text_length == 32  # same settings: fine
+  assert data_build.build_dataset(config, "unused").layout.text_length == 32  # same settings: fine
   config.data.patch_pixels = 8
   config.data.datasets.chest.prompt = "another prompt."
   with pytest.raises(ValueError, match=r"other data settings \(data.datasets, data.patch_pixels\)"):
-    base.build_dataset(config, "unused")
+    data_build.build_dataset(config, "unused")
 
 
 def test_finding_oversample_draws_labelled_examples_k_times_as_often(tmp_path):

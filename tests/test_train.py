@@ -9,7 +9,7 @@ import pytest
 
 from configs import smoke
 from medim_jax import checkpointing, errors, train
-from medim_jax.data import base as data_base
+from medim_jax.data import build as data_build
 from medim_jax.models import code_embedding
 from medim_jax.tokenizers import image as image_tokenizers
 
@@ -24,7 +24,7 @@ def tiny_config(**train_overrides):
 
 @pytest.fixture(scope="module")
 def dataset():
-  return data_base.build_dataset(tiny_config())
+  return data_build.build_dataset(tiny_config())
 
 
 def assert_trees_equal(a, b):

@@ -137,12 +137,12 @@ def probe(config, workdir: str, dataset_name: str = "chest", seed: int = 0,
   finding on validation, of checkpoint ``step`` (None: the latest). ``classifiers=False`` leaves
   out "tokens" and "real images" (they do not depend on the checkpoint)."""
   from medim_jax import evaluate, sample, train
-  from medim_jax.data import base as data_base
+  from medim_jax.data import build as data_build
   from medim_jax.diffusion import sampler as sampler_lib
   from medim_jax.evaluation import clinical, ground_truth
   from medim_jax.models import transformer
 
-  dataset = data_base.build_dataset(config, workdir)
+  dataset = data_build.build_dataset(config, workdir)
   trainer = train.Trainer(config, dataset.layout)
   params, step = sample.load_sampling_params(config, workdir, trainer, step)
   shards_dir = dataset.directories[0]

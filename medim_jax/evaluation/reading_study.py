@@ -25,7 +25,7 @@ CURVE_FINDINGS = ("cardiomegaly", "opacity")
 def measure(config, workdir: str, step: int, examples: int = 180) -> dict:
   """One checkpoint's row: held-out losses, reading AUCs, image->report / report->image F1."""
   from medim_jax import evaluate, sample, train
-  from medim_jax.data import base as data_base
+  from medim_jax.data import build as data_build
   from medim_jax.evaluation import reading_probe
 
   config = config.copy_and_resolve_references()
@@ -33,7 +33,7 @@ def measure(config, workdir: str, step: int, examples: int = 180) -> dict:
     config.eval.update(split="val", datasets="chest", examples_per_dataset=examples,
                        tasks="image_to_report,report_to_image", checkpoint_step=step,
                        report_metrics=False, export_synthetic="")
-  dataset = data_base.build_dataset(config, workdir)
+  dataset = data_build.build_dataset(config, workdir)
   trainer = train.Trainer(config, dataset.layout)
   params, _ = sample.load_sampling_params(config, workdir, trainer, step)
   held_out = trainer.evaluate(params, dataset.eval_batches(config.train.batch_size,

@@ -22,7 +22,7 @@ import time
 
 import numpy as np
 
-from medim_jax import integrity, sample, train
+from medim_jax import integrity, sample, train, visualize
 from medim_jax.data import base as data_base
 from medim_jax.data import build as data_build
 from medim_jax.evaluation import card as card_lib
@@ -55,11 +55,21 @@ def evaluate(config, workdir: str, dataset=None, out_dir: str | None = None) -> 
 
   generated = {}
   for task in tasks:
-    tokens = cached_generation(config, trainer, params, dataset, split, task, step, out_dir)
+    tokens, confidence = cached_generation(config, trainer, params, dataset, split, task, step,
+                                           out_dir)
     text_ids, codes = dataset.layout.split(tokens)
     generated[task] = {"images": dataset.image_tokenizer.decode(np.asarray(codes)),
                        "reports": [dataset.text_tokenizer.decode(ids) for ids in text_ids],
                        "prompts": sample.task_prompts(task, split, dataset)}
+    confidence = np.asarray(confidence, np.float32)
+    if task != "report_to_image":  # the report's words with the probability each had when drawn
+      generated[task]["report_confidence"] = [
+          visualize.token_pieces(dataset.text_tokenizer, ids, p)
+          for ids, p in zip(text_ids, confidence[:, dataset.layout.text_slice])]
+    if task != "image_to_report":  # the image's token grid
+      grid = int(round(np.sqrt(dataset.layout.image_length)))
+      generated[task]["image_confidence"] = confidence[:, dataset.layout.image_slice].reshape(
+          -1, grid, grid)
 
   shards_dir = dataset.directories[0]
   manifest, index = dataset.manifests[shards_dir], ground_truth.read_index(shards_dir)
@@ -121,8 +131,9 @@ def first_rows_per_dataset(split: data_base.PairedSplit, count: int,
   return split.subset(rows)
 
 
-def cached_generation(config, trainer, params, dataset, split, task, step, out_dir) -> np.ndarray:
-  """Generated tokens of ``task``, reused when checkpoint, sampler settings and prompts are the same."""
+def cached_generation(config, trainer, params, dataset, split, task, step, out_dir):
+  """Generated tokens of ``task`` and each token's probability when drawn, reused when checkpoint,
+  sampler settings and prompts are the same."""
   key = hashlib.sha256(json.dumps({
       "step": step, "task": task, "sample": config.sample.to_dict(),
       "manifests": sorted(card_lib.file_sha256(os.path.join(d, "manifest.json"))
@@ -130,36 +141,43 @@ def cached_generation(config, trainer, params, dataset, split, task, step, out_d
       "example_ids": [int(i) for i in split.example_id]}, sort_keys=True).encode()).hexdigest()
   task_dir = os.path.join(out_dir, "generated", task)
   tokens_path, key_path = os.path.join(task_dir, "tokens.npy"), os.path.join(task_dir, "key.txt")
-  if is_cached(key_path, key, tokens_path):
+  confidence_path = os.path.join(task_dir, "confidence.npy")
+  if is_cached(key_path, key, tokens_path, confidence_path):
     print(f"  {task}: reusing {tokens_path}")
-    return np.load(tokens_path)
-  tokens = sample.generate_task(config, trainer, params, dataset.layout, split, task)
+    return np.load(tokens_path), np.load(confidence_path)
+  tokens, confidence = sample.generate_task(config, trainer, params, dataset.layout, split, task,
+                                            with_confidence=True)
   os.makedirs(task_dir, exist_ok=True)
+  np.save(confidence_path, confidence.astype(np.float16))
   sample.write_task(task_dir, task, tokens, split, dataset, step)
-  write_key(key_path, key, tokens_path)
-  return tokens
+  write_key(key_path, key, tokens_path, confidence_path)
+  return tokens, confidence.astype(np.float16)
 
 
-def is_cached(key_path: str, key: str, output: str) -> bool:
-  """Whether ``output`` was made from inputs hashing to ``key`` and is byte for byte what was
-  written then. The key file (inputs' hash, then the output's sha256) is written after the output,
-  so a run cut short leaves no key; a stale key, or an output whose bytes changed since, is removed
-  with a warning, and the output is made again."""
+def is_cached(key_path: str, key: str, *outputs: str) -> bool:
+  """Whether ``outputs`` were made from inputs hashing to ``key`` and are byte for byte what was
+  written then. The key file (inputs' hash, then each output's sha256) is written after the
+  outputs, so a run cut short leaves no key; a stale key, or an output whose bytes changed since,
+  is removed with a warning, and the outputs are made again."""
   if not os.path.exists(key_path):
     return False
   with open(key_path) as f:
     recorded = f.read().split("\n")
-  if recorded[0] == key and os.path.exists(output):
-    if len(recorded) > 1 and recorded[1] == integrity.file_sha256(output):
+  if recorded[0] == key and all(os.path.exists(o) for o in outputs):
+    digests = [integrity.file_sha256(o) for o in outputs]
+    if recorded[1:] == digests:
       return True
-    print(f"  warning: {output} is not the file its key recorded (changed or damaged since, or "
+    changed = next((o for o, d, r in zip(outputs, digests, recorded[1:] + [""] * len(outputs))
+                    if d != r), outputs[-1])
+    print(f"  warning: {changed} is not the file its key recorded (changed or damaged since, or "
           "from an older version): making it again")
   os.remove(key_path)
   return False
 
 
-def write_key(key_path: str, key: str, output: str) -> None:
-  integrity.write_text_atomically(key_path, f"{key}\n{integrity.file_sha256(output)}")
+def write_key(key_path: str, key: str, *outputs: str) -> None:
+  integrity.write_text_atomically(
+      key_path, "\n".join([key] + [integrity.file_sha256(o) for o in outputs]))
 
 
 def evaluate_dataset(config, name, manifest, index, split, generated, image_tokenizer, out_dir):

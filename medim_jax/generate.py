@@ -33,7 +33,7 @@ import re
 import numpy as np
 from PIL import Image, ImageOps
 
-from medim_jax import errors, integrity
+from medim_jax import errors, integrity, visualize
 
 # A blank in a report template: "___" (``blank_tokens`` tokens) or "[MASK]" / "[MASK:n]" (n tokens).
 BLANK = re.compile(r"_{3,}|\[MASK(?::(\d+))?\]")
@@ -263,23 +263,11 @@ class MeDiMPipeline:
     for ids, p in zip(np.asarray(text_ids), text_probs):
       ids, p = self._without_prompt(ids, p)
       reports.append(self.text_tokenizer.decode(ids))
-      confidences.append(self._token_confidences(ids, p))
+      confidences.append(visualize.token_pieces(self.text_tokenizer, ids, p))
     return Generation(images=[Image.fromarray(np.asarray(p, np.uint8)) for p in pixels],
                       reports=reports, tokens=tokens,
                       image_confidence=image_probs.reshape(-1, self.grid, self.grid),
                       report_confidence=confidences)
-
-  def _token_confidences(self, ids, probs) -> list:
-    """(text, probability) for each report token up to EOS: each token's text is what it adds to
-    the decoded report (spaces included), so the texts joined give the report."""
-    pieces, before = [], ""
-    for k, (token, p) in enumerate(zip(ids, probs)):
-      if token in (self.text_tokenizer.eos_id, self.text_tokenizer.pad_id):
-        break
-      text = self.text_tokenizer.decode([int(t) for t in ids[:k + 1]])
-      pieces.append((text[len(before):] if text.startswith(before) else text, float(p)))
-      before = text
-    return pieces
 
   def _without_prompt(self, ids, probs):
     prompt = self.prompt_ids(None)
@@ -516,7 +504,6 @@ def write_outputs(out_dir: str, records: list[dict], out: Generation, pipe: MeDi
                   seed: int, grid: bool, seconds: tuple[float, float] = (0.0, 0.0)) -> None:
   """NNN.png (+ NNN_confidence.png) for every image the task drew, and generated.jsonl, written
   under a temporary name and renamed, so a crash never leaves a half-written record."""
-  from medim_jax import visualize
   os.makedirs(out_dir, exist_ok=True)
   settings = pipe.sampler_settings()
   draws_image = records[0]["task"] in ("report_to_image", "joint") or (
@@ -557,11 +544,7 @@ def write_outputs(out_dir: str, records: list[dict], out: Generation, pipe: MeDi
 def confidence_picture(image: Image.Image, confidence: np.ndarray, scale: int = 4) -> Image.Image:
   """The image beside its token grid coloured by confidence: red = the model was unsure (p near 0),
   green = sure (p near 1), grey = given, not generated."""
-  p = np.nan_to_num(confidence, nan=-1.0)
-  red = np.where(p < 0, 128, np.clip(2.0 * (1.0 - p), 0, 1) * 230)
-  green = np.where(p < 0, 128, np.clip(2.0 * p, 0, 1) * 200)
-  blue = np.where(p < 0, 128, 40)
-  heat = Image.fromarray(np.stack([red, green, blue], -1).astype(np.uint8))
+  heat = Image.fromarray(visualize.confidence_colours(confidence))
   side = image.size[0] * scale
   sheet = Image.new("RGB", (2 * side + 4, side), "white")
   sheet.paste(image.resize((side, side), Image.NEAREST), (0, 0))

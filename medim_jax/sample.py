@@ -59,13 +59,14 @@ def generate(config, workdir: str, dataset: data_base.PairedDataset | None = Non
 
 
 def generate_task(config, trainer: train.Trainer, params, layout, split: data_base.PairedSplit,
-                  task: str) -> np.ndarray:
-  """Generated token rows for every row of ``split`` (the prompts come from its tokens)."""
+                  task: str, with_confidence: bool = False):
+  """Generated token rows for every row of ``split`` (the prompts come from its tokens); with
+  ``with_confidence``, also the probability each token had when it was drawn (NaN where given)."""
   sampler = sampler_lib.Sampler(trainer.model.apply, layout, trainer.schedule,
                                 sampler_lib.SamplerConfig.from_config(config.sample),
                                 batch_sharding=sharding.batch_sharding(trainer.mesh))
   inputs = sampler_lib.task_inputs(task, split.tokens, split.prompt_length, layout)
-  batch_size, outputs = config.sample.batch_size, []
+  batch_size, outputs, confidence = config.sample.batch_size, [], []
   bar = progress.bar(-(-len(split) // batch_size), f"sample {task}", "batch")
   for start in range(0, len(split), batch_size):
     rows = slice(start, start + batch_size)
@@ -73,8 +74,11 @@ def generate_task(config, trainer: train.Trainer, params, layout, split: data_ba
       out = sampler(params, inputs[rows], split.example_id[rows], seed=config.sample.seed,
                     segment_steps=sampler.steps_for_task(task))
     outputs.append(np.asarray(out.tokens))
+    confidence.append(np.asarray(out.reveal_prob))
     bar.update(1)
   bar.close()
+  if with_confidence:
+    return np.concatenate(outputs), np.concatenate(confidence)
   return np.concatenate(outputs)
 
 

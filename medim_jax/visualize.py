@@ -46,3 +46,26 @@ def comparison_grid(columns, titles, path: str, image_px: int = 128, row_labels=
       tile = Image.fromarray(np.asarray(image, np.uint8)).resize((image_px, image_px), Image.NEAREST)
       sheet.paste(tile, (x, header + r * (image_px + pad)))
   sheet.save(path)
+
+
+def confidence_colours(confidence: np.ndarray) -> np.ndarray:
+  """Probabilities (...,) -> RGB (..., 3) uint8: red = the model was unsure (p near 0), green =
+  sure (p near 1), grey = given, not generated (NaN)."""
+  p = np.nan_to_num(np.asarray(confidence, np.float32), nan=-1.0)
+  red = np.where(p < 0, 128, np.clip(2.0 * (1.0 - p), 0, 1) * 230)
+  green = np.where(p < 0, 128, np.clip(2.0 * p, 0, 1) * 200)
+  blue = np.where(p < 0, 128, 40)
+  return np.stack([red, green, blue], -1).astype(np.uint8)
+
+
+def token_pieces(text_tokenizer, ids, probs) -> list[tuple[str, float]]:
+  """(text, probability) for each report token up to EOS: each token's text is what it adds to the
+  decoded report (spaces included), so the texts joined give the report."""
+  pieces, before = [], ""
+  for k, (token, p) in enumerate(zip(ids, probs)):
+    if token in (text_tokenizer.eos_id, text_tokenizer.pad_id):
+      break
+    text = text_tokenizer.decode([int(t) for t in ids[:k + 1]])
+    pieces.append((text[len(before):] if text.startswith(before) else text, float(p)))
+    before = text
+  return pieces

@@ -103,6 +103,7 @@ def test_main_job_runs_every_stage_on_folders_then_reuses_them(tmp_path):
   page = (workdir / "report.html").read_text()
   for heading in ("Clinical agreement", "Memorisation", "Evaluation card", "image -> report"):
     assert heading in page
+  assert page.count('class="heat"') == 16  # a confidence map per report->image and joint image (2 x 2 x 4)
   rows = (workdir / "eval" / "generated" / "image_to_report" / "samples.jsonl").read_text()
   assert len(rows.splitlines()) == 8
 

@@ -232,7 +232,7 @@ jobs.run(config, workdir, "eval")
 
 
 def test_an_eval_killed_while_generating_reuses_only_the_tasks_it_finished(run):
-  _, workdir, _ = run
+  _, workdir, pipe = run
   generated = os.path.join(workdir, "eval", "generated")
   env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="")
   command = [sys.executable, "-c", KILLABLE_EVAL, workdir]
@@ -259,4 +259,8 @@ def test_an_eval_killed_while_generating_reuses_only_the_tasks_it_finished(run):
   assert "report_to_image: reusing" not in rerun.stdout
   assert tree_digest(os.path.join(generated, "image_to_report")) == finished
   assert np.load(os.path.join(partial, "tokens.npy")).shape[0] == 4  # made again, whole
+  confidence = np.load(os.path.join(partial, "confidence.npy"))  # image tokens drawn, text given
+  layout = pipe.layout
+  assert np.isfinite(confidence[:, layout.image_slice]).all()
+  assert np.isnan(confidence[:, layout.text_slice]).all()
   assert os.path.exists(os.path.join(partial, "key.txt"))

@@ -15,7 +15,7 @@ import os
 import numpy as np
 from PIL import Image
 
-from medim_jax import integrity
+from medim_jax import integrity, visualize
 
 SHOWN_PER_TASK = 16
 CSS = """
@@ -26,7 +26,8 @@ font-size:13px;vertical-align:top}th{background:#f3f3f3}td.num{text-align:right;
 tabular-nums}.na{color:#a33;font-style:italic}.note{color:#555;font-size:13px}
 .grid{display:grid;grid-template-columns:repeat(4,1fr);gap:10px}.cell{border:1px solid #ddd;padding:6px;
 font-size:12px}.cell img{width:128px;height:128px;image-rendering:pixelated;margin-right:4px}
-.ok{color:#17733a}.bad{color:#a33}pre{background:#f6f6f6;padding:8px;font-size:11px;overflow:auto;
+.cell img.heat{width:48px;height:48px}
+.ok{color:#17733a}.bad{color:#a33}.unsure{background:#fbd5d5;border-bottom:1px dotted #a33}pre{background:#f6f6f6;padding:8px;font-size:11px;overflow:auto;
 max-height:400px}
 """
 
@@ -40,8 +41,9 @@ def png_data_uri(image: np.ndarray, size: int = 128) -> str:
   return "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode()
 
 
-def img(image, title: str = "") -> str:
-  return f'<img src="{png_data_uri(image)}" title="{html.escape(title)}" alt="{html.escape(title)}">'
+def img(image, title: str = "", css_class: str = "") -> str:
+  return (f'<img src="{png_data_uri(image)}" title="{html.escape(title)}" alt="{html.escape(title)}"'
+          + (f' class="{css_class}">' if css_class else ">"))
 
 
 def fmt(value) -> str:
@@ -178,27 +180,53 @@ def grid(cells: list[str]) -> str:
   return '<div class="grid">' + "".join(f'<div class="cell">{c}</div>' for c in cells) + "</div>"
 
 
+UNSURE = 0.5  # a generated word drawn with a probability below this is marked
+
+
+def marked_report(g: dict, i: int) -> str:
+  """The generated report, its words drawn with probability < UNSURE marked (hover: p)."""
+  if "report_confidence" not in g:
+    return html.escape(g["reports"][i])
+  return "".join(f'<span class="unsure" title="p = {p:.2f}">{html.escape(text)}</span>'
+                 if p < UNSURE else html.escape(text)  # NaN (a given word) is never marked
+                 for text, p in g["report_confidence"][i])
+
+
+def confidence_map(g: dict, i: int) -> str:
+  if "image_confidence" not in g:
+    return ""
+  return img(visualize.confidence_colours(g["image_confidence"][i]),
+             "confidence of each image token: red unsure, green sure, grey given", "heat")
+
+
+CONFIDENCE_NOTE = ('<p class="note">Confidence: each image token coloured by the probability it had '
+                   'when drawn (red unsure, green sure); <span class="unsure">marked words</span> were '
+                   f'drawn with probability below {UNSURE} (hover for it).</p>')
+
+
 def samples_section(shown: dict, result: dict) -> str:
   originals, generated = shown["originals"], shown["generated"]
-  parts = []
+  parts = [CONFIDENCE_NOTE]
   if "image_to_report" in generated:
     g = generated["image_to_report"]
     parts.append("<h3>image -> report (real test image; generated report; real report)</h3>" + grid([
-        img(originals.images[i]) + f"<p><b>generated:</b> {html.escape(g['reports'][i])}</p>"
+        img(originals.images[i]) + f"<p><b>generated:</b> {marked_report(g, i)}</p>"
         f"<p><b>real:</b> {html.escape(originals.reports[i])}</p>"
         for i in range(min(SHOWN_PER_TASK, len(originals.reports)))]))
   if "report_to_image" in generated:
     g = generated["report_to_image"]
-    parts.append("<h3>report -> image (generated image, real image; prompt report)</h3>" + grid([
-        img(g["images"][i], "generated") + img(originals.images[i], "real")
+    parts.append("<h3>report -> image (generated image, its confidence, real image; prompt "
+                 "report)</h3>" + grid([
+        img(g["images"][i], "generated") + confidence_map(g, i) + img(originals.images[i], "real")
         + f"<p><b>prompt:</b> {html.escape(g['prompts'][i])}</p>"
         for i in range(min(SHOWN_PER_TASK, len(g["images"])))]))
   if "joint" in generated:
     g = generated["joint"]
     agree = result.get("clinical", {}).get("joint_consistency", {}).get("per_pair")
-    parts.append("<h3>joint generation (prompt: the dataset's prompt only)</h3>" + grid([
-        img(g["images"][i]) + f"<p><b>prompt:</b> {html.escape(g['prompts'][i])}<br>"
-        f"<b>generated:</b> {html.escape(g['reports'][i])}</p>"
+    parts.append("<h3>joint generation (prompt: the dataset's prompt only; image, its "
+                 "confidence)</h3>" + grid([
+        img(g["images"][i]) + confidence_map(g, i) + f"<p><b>prompt:</b> {html.escape(g['prompts'][i])}<br>"
+        f"<b>generated:</b> {marked_report(g, i)}</p>"
         + ("" if agree is None else '<p class="ok">report and image agree</p>' if agree[i]
            else '<p class="bad">report and image disagree</p>')
         for i in range(min(SHOWN_PER_TASK, len(g["images"])))]))

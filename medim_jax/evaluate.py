@@ -197,6 +197,10 @@ def evaluate_dataset(config, name, manifest, index, split, generated, image_toke
     from medim_jax.evaluation import report_metrics
     result["report_metrics"] = report_metrics.evaluate_reports(
         originals.reports, generated["image_to_report"]["reports"])
+  if "image_to_report" in generated:
+    _, retrieved = clinical.retrieval_baseline(feats["real"], feats["train"], training.reports)
+    result["chexpert14_rule_based"] = chexpert_efficacy(
+        originals.reports, generated["image_to_report"]["reports"], retrieved)
 
   result["image_metrics"] = {"features": description}
   for task in image_tasks:
@@ -314,6 +318,21 @@ def chance_f1(train_labels, true, findings) -> dict:
   scored = [table[f]["f1"] for f in findings if table[f]["support"]]
   table["macro_f1"] = float(np.mean(scored)) if scored else float("nan")
   return table
+
+
+def chexpert_efficacy(real_reports, generated_reports, retrieved_reports) -> dict:
+  """Clinical efficacy over the 14 CheXpert observations, both reports labelled by the rules,
+  uncertain counted negative and positive; the retrieval baseline (the report of the nearest
+  training image) scored the same way."""
+  from medim_jax.evaluation import chexpert
+  reference = chexpert.label_matrix(real_reports)
+  scored = {"MeDiM": chexpert.label_matrix(generated_reports),
+            "retrieval baseline": chexpert.label_matrix(retrieved_reports)}
+  return {"labeler": "rule-based CheXpert-14 (medim_jax.evaluation.chexpert), not the CheXpert "
+                     "labeler itself",
+          **{f"uncertain as {u}": {name: chexpert.ce_metrics(labels, reference, u)
+                                   for name, labels in scored.items()}
+             for u in ("negative", "positive")}}
 
 
 def cached_classifier(config, name, dataset_folders, training, out_dir):

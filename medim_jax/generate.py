@@ -492,7 +492,7 @@ def run_command(args, config) -> list[dict]:
     inputs = [{key[:-1]: value} for value in given[key]]
   records = [{"task": task, **inputs[i]} for i in range(len(inputs))]
   seconds = (loaded - start, time.perf_counter() - loaded)
-  write_outputs(args.out, records, out, pipe, args.seed, args.grid, seconds)
+  write_outputs(args.out, records, out, pipe, args.seed, args.grid, seconds, args.dicom)
   return records
 
 
@@ -501,7 +501,8 @@ def _rounded(values) -> list:
 
 
 def write_outputs(out_dir: str, records: list[dict], out: Generation, pipe: MeDiMPipeline,
-                  seed: int, grid: bool, seconds: tuple[float, float] = (0.0, 0.0)) -> None:
+                  seed: int, grid: bool, seconds: tuple[float, float] = (0.0, 0.0),
+                  as_dicom: bool = False) -> None:
   """NNN.png (+ NNN_confidence.png) for every image the task drew, and generated.jsonl, written
   under a temporary name and renamed, so a crash never leaves a half-written record."""
   os.makedirs(out_dir, exist_ok=True)
@@ -516,6 +517,12 @@ def write_outputs(out_dir: str, records: list[dict], out: Generation, pipe: MeDi
       out.images[i].save(os.path.join(out_dir, record["image_out"]))
       confidence_picture(out.images[i], out.image_confidence[i]).save(
           os.path.join(out_dir, f"{i:03d}_confidence.png"))
+      if as_dicom:  # marked synthetic in every field a viewer shows
+        from medim_jax.data import dicom
+        record["dicom_out"] = f"{i:03d}.dcm"
+        source = record.get("report") or record.get("prompt") or record.get("template") or ""
+        dicom.write_synthetic(os.path.join(out_dir, record["dicom_out"]), np.asarray(out.images[i]),
+                              f"{record['task']} from checkpoint {pipe.step}, seed {seed}: {source}")
       record["image_confidence"] = [_rounded(row) for row in out.image_confidence[i]]
     pieces = out.report_confidence[i]
     if any(np.isfinite(p) for _, p in pieces):  # the task wrote (some of) the report
@@ -577,6 +584,8 @@ def main():
   parser.add_argument("--out", required=True, help="folder for the PNGs and generated.jsonl")
   parser.add_argument("--seed", type=int, default=0)
   parser.add_argument("--grid", action="store_true", help="also a contact sheet, grid.png")
+  parser.add_argument("--dicom", action="store_true", help="also NNN.dcm for each image drawn, "
+                      "marked synthetic (needs pydicom)")
   parser.add_argument("--debug", action="store_true", help="on an error, show the traceback")
   args, rest = parser.parse_known_args()
   cli.configure_logs(args.debug)

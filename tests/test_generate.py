@@ -179,7 +179,7 @@ def test_the_command_writes_images_and_a_record_and_nothing_on_bad_input(run, tm
       [sys.executable, "-m", "medim_jax.generate", "--workdir", workdir, *args],
       cwd=ROOT, env=env, capture_output=True, text=True, timeout=240)
   out = tmp_path / "out"
-  done = command("--report", "upper left finding.", "--out", str(out), "--grid",
+  done = command("--report", "upper left finding.", "--out", str(out), "--grid", "--dicom",
                  "--config.sample.text_steps=2", "--config.sample.image_steps=2")
   assert done.returncode == 0, done.stderr[-2000:]
   record = json.loads((out / "generated.jsonl").read_text())
@@ -188,6 +188,9 @@ def test_the_command_writes_images_and_a_record_and_nothing_on_bad_input(run, tm
   assert record["sampler"]["image_steps"] == 2 and (out / record["image_out"]).exists()
   assert np.asarray(record["image_confidence"]).shape == (4, 4) and "report_out" not in record
   assert (out / "000_confidence.png").exists() and (out / "grid.png").exists()
+  import pydicom
+  synthetic = pydicom.dcmread(out / record["dicom_out"])
+  assert synthetic.ConversionType == "SYN" and "upper left finding." in synthetic.DerivationDescription
 
   films = tmp_path / "films"
   films.mkdir()

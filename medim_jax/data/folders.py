@@ -17,7 +17,7 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 
 from medim_jax import errors
 
-IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg")
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".dcm")  # DICOM: data/dicom.py (pydicom)
 
 
 class BadPairError(errors.InputError):
@@ -96,6 +96,13 @@ def _to_rgb(image: Image.Image) -> Image.Image:
 
 def read_image(path: str, image_size: int, square: str = "pad") -> np.ndarray:
   """(S, S, 3) uint8: padded (black) or centre-cropped to square, then resized."""
+  if path.lower().endswith(".dcm"):
+    from medim_jax.data import dicom
+    try:
+      pixels, _ = dicom.read(path)
+    except errors.InputError as e:
+      raise BadPairError(str(e), "unreadable image") from None
+    return square_and_resize(Image.fromarray(pixels).convert("RGB"), image_size, square)
   try:
     with Image.open(path) as image:
       image.load()

@@ -76,7 +76,7 @@ def _first(value) -> float:
 
 def write_synthetic(path: str, image: np.ndarray, description: str = "") -> None:
   """Save a generated (H, W) or (H, W, 3) uint8 image as a DICOM marked synthetic."""
-  pydicom = _pydicom()
+  _pydicom()  # a clear error when it is missing
   from pydicom.dataset import FileDataset, FileMetaDataset
   from pydicom.uid import ExplicitVRLittleEndian, SecondaryCaptureImageStorage, generate_uid
   image = np.asarray(image, np.uint8)

@@ -46,7 +46,7 @@ smoke: $(STAMP)
 	$(VENV)/bin/python -m medim_jax.main --config configs/smoke.py --workdir workdir/smoke --mode all
 
 test: $(STAMP)
-	$(VENV)/bin/python -m pytest -q --durations=10 tests
+	$(VENV)/bin/python -m pytest -q -n 2 --dist loadfile --durations=10 tests
 
 clean:
 	rm -rf $(VENV) workdir

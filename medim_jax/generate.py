@@ -232,26 +232,15 @@ class MeDiMPipeline:
                **sampler_overrides) -> Generation:
     """Every MASK of the (N, L) joint-id rows filled; rows go through in config.sample.batch_size
     batches, example id = the row's index (so a row's sample does not depend on the batch)."""
-    import jax
-    from medim_jax import progress
+    from medim_jax import sample
     sampler = self._sampler(sampler_overrides)
     masked = inputs == self.layout.mask_id
     steps = (sampler.config.text_steps if masked[:, self.layout.text_slice].any() else 0,
              sampler.config.image_steps if masked[:, self.layout.image_slice].any() else 0)
-    batch_size, tokens, probs, calls = self.config.sample.batch_size, [], [], []
-    bar = progress.bar(-(-len(inputs) // batch_size), "generate", "batch", progress_bar)
-    for start in range(0, len(inputs), batch_size):
-      rows = inputs[start:start + batch_size]
-      with jax.set_mesh(self.trainer.mesh):
-        out = sampler(self.params, rows, np.arange(start, start + len(rows)), seed=seed,
-                      segment_steps=steps)
-      tokens.append(np.asarray(out.tokens))
-      probs.append(np.asarray(out.reveal_prob))
-      calls.append(np.asarray(out.model_calls))
-      bar.update(1)
-    bar.close()
-    return dataclasses.replace(self.decode(np.concatenate(tokens), np.concatenate(probs)),
-                               model_calls=np.concatenate(calls))
+    out = sample.sample_in_batches(sampler, self.params, self.trainer.mesh, inputs,
+                                   np.arange(len(inputs)), self.config.sample.batch_size, seed,
+                                   steps, "generate" if progress_bar else None)
+    return dataclasses.replace(self.decode(out.tokens, out.reveal_prob), model_calls=out.model_calls)
 
   def decode(self, tokens: np.ndarray, probs: np.ndarray | None = None) -> Generation:
     if probs is None:

@@ -58,6 +58,23 @@ def generate(config, workdir: str, dataset: data_base.PairedDataset | None = Non
   return results
 
 
+def sample_in_batches(sampler: sampler_lib.Sampler, params, mesh, inputs: np.ndarray,
+                      example_ids: np.ndarray, batch_size: int, seed: int, segment_steps,
+                      bar_name: str | None = None) -> sampler_lib.SampleOutput:
+  """Every row of ``inputs`` through ``sampler``, ``batch_size`` rows a call; the outputs of all
+  calls concatenated as NumPy arrays. A progress bar named ``bar_name`` when given."""
+  outputs = []
+  bar = progress.bar(-(-len(inputs) // batch_size), bar_name or "", "batch", bar_name is not None)
+  for start in range(0, len(inputs), batch_size):
+    rows = slice(start, start + batch_size)
+    with jax.set_mesh(mesh):  # params live on the trainer's mesh
+      out = sampler(params, inputs[rows], example_ids[rows], seed=seed, segment_steps=segment_steps)
+    outputs.append(jax.tree.map(np.asarray, out))
+    bar.update(1)
+  bar.close()
+  return jax.tree.map(lambda *parts: np.concatenate(parts), *outputs)
+
+
 def generate_task(config, trainer: train.Trainer, params, layout, split: data_base.PairedSplit,
                   task: str, with_confidence: bool = False):
   """Generated token rows for every row of ``split`` (the prompts come from its tokens); with
@@ -66,20 +83,10 @@ def generate_task(config, trainer: train.Trainer, params, layout, split: data_ba
                                 sampler_lib.SamplerConfig.from_config(config.sample),
                                 batch_sharding=sharding.batch_sharding(trainer.mesh))
   inputs = sampler_lib.task_inputs(task, split.tokens, split.prompt_length, layout)
-  batch_size, outputs, confidence = config.sample.batch_size, [], []
-  bar = progress.bar(-(-len(split) // batch_size), f"sample {task}", "batch")
-  for start in range(0, len(split), batch_size):
-    rows = slice(start, start + batch_size)
-    with jax.set_mesh(trainer.mesh):  # params live on the trainer's mesh
-      out = sampler(params, inputs[rows], split.example_id[rows], seed=config.sample.seed,
-                    segment_steps=sampler.steps_for_task(task))
-    outputs.append(np.asarray(out.tokens))
-    confidence.append(np.asarray(out.reveal_prob))
-    bar.update(1)
-  bar.close()
-  if with_confidence:
-    return np.concatenate(outputs), np.concatenate(confidence)
-  return np.concatenate(outputs)
+  out = sample_in_batches(sampler, params, trainer.mesh, inputs, split.example_id,
+                          config.sample.batch_size, config.sample.seed,
+                          sampler.steps_for_task(task), f"sample {task}")
+  return (out.tokens, out.reveal_prob) if with_confidence else out.tokens
 
 
 def task_prompts(task: str, split: data_base.PairedSplit, dataset) -> list[str]:

@@ -32,7 +32,6 @@ def measure(config, workdir: str, settings=SETTINGS, tasks=TASKS, examples: int 
             quality=None) -> list[dict]:
   """One row per (task, setting). ``quality(task, tokens, dataset) -> dict`` scores the samples
   (default: the smoke rules, for smoke runs)."""
-  import jax
   import numpy as np
 
   from medim_jax import progress, sample, train
@@ -58,21 +57,14 @@ def measure(config, workdir: str, settings=SETTINGS, tasks=TASKS, examples: int 
       sampler = sampler_lib.Sampler(trainer.model.apply, dataset.layout, trainer.schedule,
                                     sample_config, sharding.batch_sharding(trainer.mesh))
 
-      def run():
-        tokens, calls = [], []
-        for start in range(0, len(split), config.sample.batch_size):
-          batch = slice(start, start + config.sample.batch_size)
-          with jax.set_mesh(trainer.mesh):
-            out = sampler(params, inputs[batch], split.example_id[batch], seed=config.sample.seed,
-                          segment_steps=sampler.steps_for_task(task))
-          tokens.append(np.asarray(out.tokens))
-          calls.append(np.asarray(out.model_calls))
-        return np.concatenate(tokens), np.concatenate(calls)
-
+      run = lambda: sample.sample_in_batches(
+          sampler, params, trainer.mesh, inputs, split.example_id, config.sample.batch_size,
+          config.sample.seed, sampler.steps_for_task(task))
       run()  # compiles
       start = time.perf_counter()
-      tokens, calls = run()
+      out = run()
       seconds = time.perf_counter() - start
+      tokens, calls = out.tokens, out.model_calls
       scores = quality(task, tokens, dataset)
       rows.append({"task": task, "strategy": strategy, "max_steps": steps,
                    "reveal_threshold": threshold, "checkpoint_step": step,

@@ -167,6 +167,7 @@ def get_config(arg=None):
   config.train.adam_eps = 1e-8
   config.train.weight_decay = 0.0
   config.train.mu_dtype = "float32"     # Adam's first moment: float32 | bfloat16 (half its memory)
+  config.train.second_moment = "full"   # full (Adam) | factored (Adafactor's row/column statistics)
   config.train.grad_clip_norm = 1.0
   config.train.ema_decay = 0.0          # 0 disables EMA; sampling uses EMA params when enabled
   config.train.log_every = 50

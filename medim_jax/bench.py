@@ -75,7 +75,8 @@ PAPER_CPU_MODEL = dict(num_layers=2, d_model=512, num_heads=2, num_kv_heads=2, h
                        mlp_dim=4096)
 
 
-def build_shape(name: str, model_overrides: dict, batch_size: int | None = None) -> Shape:
+def build_shape(name: str, model_overrides: dict, batch_size: int | None = None,
+                num_devices: int | None = None) -> Shape:
   """A named shape; ``model_overrides`` (e.g. dtype, attention_impl) replace config.model keys."""
   if name == "demo":
     config = demo_config.get_config()
@@ -107,6 +108,8 @@ def build_shape(name: str, model_overrides: dict, batch_size: int | None = None)
     shape.config.model.update({k: v for k, v in model_overrides.items() if v is not None})
     if batch_size:
       shape.config.train.batch_size = batch_size
+    if num_devices:
+      shape.config.mesh.num_devices = num_devices
   return shape
 
 
@@ -547,8 +550,13 @@ def parse_args(argv=None) -> argparse.Namespace:
   parser.add_argument("--sample_batch", type=int, default=4, help="pairs per sampler call")
   parser.add_argument("--repeats", type=int, default=3, help="timed sampler calls per method")
   parser.add_argument("--torch_threads", type=int, default=os.cpu_count())
+  parser.add_argument("--cpu_devices", type=int, default=None,
+                      help="split the CPU into this many JAX devices and the train batch over them "
+                           "(data parallel, config.mesh.num_devices); default: one device")
   parser.add_argument("--out", default=None, help="write the results as JSON to this file")
   args = parser.parse_args(argv)
+  if args.cpu_devices:  # before anything below asks for the devices
+    jax.config.update("jax_num_cpu_devices", args.cpu_devices)
   default_what = WHAT if on_cpu() else tuple(w for w in WHAT if w != "torch")
   args.what = [w.strip() for w in (args.what or ",".join(default_what)).split(",") if w.strip()]
   unknown = set(args.what) - set(WHAT)
@@ -597,7 +605,7 @@ def main(argv=None) -> dict:
   if "train" in args.what or "torch" in args.what:
     results["train"] = []
     for name in args.shapes:
-      shape = build_shape(name, model_overrides, args.batch_size)
+      shape = build_shape(name, model_overrides, args.batch_size, args.cpu_devices)
       print(f"Training step, {name}", flush=True)
       results["train"].append(out_of_memory_as_result(name, lambda: bench_train(
           shape, "torch" in args.what, args.rounds, args.steps, args.warmup, peak_tflops)))

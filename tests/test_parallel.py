@@ -59,6 +59,24 @@ def test_sharded_train_steps_match_the_single_device_steps(dataset, single_devic
   assert mu.sharding == q.sharding
 
 
+def test_factored_second_moments_shard_and_match_the_single_device_steps(dataset):
+  # d_model 128: the (128, 128) MLP kernels are factored; their row/column statistics are replicated.
+  def config(mesh):
+    config = config_on(mesh)
+    config.model.d_model = config.model.mlp_dim = 128
+    config.train.second_moment = "factored"
+    return config
+  _, reference, reference_losses = run_steps(config((1, 1, 1)), dataset)
+  trainer, state, losses = run_steps(config((2, 4, 1)), dataset)
+  np.testing.assert_allclose(losses, reference_losses, rtol=2e-5)
+  for (path, got), want in zip(jax.tree_util.tree_leaves_with_path(state), jax.tree.leaves(reference)):
+    np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=2e-4, atol=2e-6,
+                               err_msg=jax.tree_util.keystr(path))
+  factored = state.opt_state[1].v_row["blocks"][0]["mlp"]["gate"]["kernel"]
+  assert factored.shape == (128,) and factored.sharding.is_fully_replicated
+  assert not state.params["blocks"][0]["mlp"]["gate"]["kernel"].sharding.is_fully_replicated
+
+
 def test_a_checkpoint_saved_on_one_mesh_restores_on_another(dataset, tmp_path):
   trainer, state, _ = run_steps(config_on((2, 2, 2)), dataset, steps=1)
   checkpointer = checkpointing.Checkpointer(str(tmp_path), max_to_keep=1)

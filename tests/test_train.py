@@ -109,6 +109,25 @@ def test_bfloat16_first_moment_keeps_the_steps_close_to_float32(dataset):
     train.make_optimizer(tiny_config(mu_dtype="float8").train)
 
 
+def test_factored_second_moment_normalises_a_rank_one_gradient_to_its_sign():
+  # For g = a b^T Adafactor's row x column estimate of g^2 is exact, and its first step (decay 0)
+  # divides g by |g|: the update is -learning_rate * sign(g), with 256 + 128 statistics, not 32,768.
+  config = tiny_config(second_moment="factored", warmup_steps=0, learning_rate=0.01,
+                       grad_clip_norm=1e9, weight_decay=0.0)
+  tx, learning_rate = train.make_optimizer(config.train)
+  rng = np.random.default_rng(0)
+  a, b = rng.uniform(0.5, 2, 256) * rng.choice([-1, 1], 256), rng.uniform(0.5, 2, 128)
+  params = {"w": np.zeros((256, 128), np.float32), "bias": np.zeros((128,), np.float32)}
+  grads = {"w": np.outer(a, b).astype(np.float32), "bias": np.linspace(-1, 1, 128, dtype=np.float32)}
+  state = tx.init(params)
+  statistics = sum(x.size for x in jax.tree.leaves(state[1]))
+  assert statistics < 256 + 128 + 2 * 128 + 10  # w: row + column means; bias: its own full moment
+  updates, _ = tx.update(grads, state, params)
+  np.testing.assert_allclose(updates["w"], -float(learning_rate(0)) * np.sign(grads["w"]), rtol=1e-5)
+  with pytest.raises(errors.InputError, match="second_moment"):
+    train.make_optimizer(tiny_config(second_moment="diagonal").train)
+
+
 def test_checkpoint_round_trips_the_whole_train_state(dataset, tmp_path):
   config = tiny_config(ema_decay=0.5)
   trainer = train.Trainer(config, dataset.layout)

@@ -14,10 +14,11 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from medim_jax.models import conditioning, layers
+from medim_jax.models import attention, conditioning, layers
 
-# xla: einsums with f32 softmax (any backend); jax_dot_product: jax.nn.dot_product_attention, which
-# picks cuDNN flash attention on GPU where it can; splash: the Pallas TPU kernel (models/splash.py).
+# xla: models/attention.py, einsums with f32 softmax and a hand-written backward (any backend);
+# jax_dot_product: jax.nn.dot_product_attention, which picks cuDNN flash attention on GPU where it
+# can; splash: the Pallas TPU kernel (models/splash.py).
 ATTENTION_IMPLS = ("xla", "jax_dot_product", "splash")
 _DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 # What a block keeps for the backward pass (the rest is recomputed): "none" keeps everything,
@@ -118,21 +119,8 @@ class Attention(nnx.Module):
       from medim_jax.models import splash
       out = splash.splash_attention(q, k, v, key_mask)
     else:
-      out = self._xla_attention(q, k, v, key_mask)
+      out = attention.attention(q, k, v, key_mask)
     return layers.contract(out, self.o[...].astype(dtype), axes=2)
-
-  def _xla_attention(self, q, k, v, key_mask):
-    cfg = self.cfg
-    batch, length = q.shape[:2]
-    groups = cfg.num_heads // cfg.num_kv_heads
-    q = q.reshape(batch, length, cfg.num_kv_heads, groups, cfg.head_dim)
-    scores = jnp.einsum("bqhgk,bshk->bhgqs", q, k, preferred_element_type=jnp.float32)
-    scores = scores / math.sqrt(cfg.head_dim)
-    if key_mask is not None:
-      scores = jnp.where(key_mask[:, None, None, None, :], scores, jnp.finfo(jnp.float32).min)
-    probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
-    out = jnp.einsum("bhgqs,bshk->bqhgk", probs, v)
-    return out.reshape(batch, length, cfg.num_heads, cfg.head_dim)
 
 
 class GeGLU(nnx.Module):

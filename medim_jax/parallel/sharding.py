@@ -71,11 +71,15 @@ def replicated(mesh) -> NamedSharding:
   return NamedSharding(mesh, PartitionSpec())
 
 
-def optimizer_shardings(tx, abstract_opt_state, params_shardings, mesh):
-  """The optimizer's param-shaped state (Adam moments) like the params; counters replicated."""
-  return optax.tree_map_params(tx, lambda _, sharding: sharding, abstract_opt_state,
+def optimizer_shardings(tx, abstract_opt_state, abstract_params, params_shardings, mesh):
+  """The optimizer's param-shaped state (Adam moments) like the params; counters, and statistics
+  of another shape than their parameter's (factored second moments, a few rows or columns),
+  replicated."""
+  def like_param(leaf, param, param_sharding):
+    return param_sharding if tuple(leaf.shape) == tuple(param.shape) else replicated(mesh)
+  return optax.tree_map_params(tx, like_param, abstract_opt_state, abstract_params,
                                params_shardings, transform_non_params=lambda _: replicated(mesh),
-                               is_leaf=lambda x: isinstance(x, NamedSharding))
+                               is_leaf=lambda x: isinstance(x, (NamedSharding, jax.ShapeDtypeStruct)))
 
 
 def batch_sharding(mesh) -> NamedSharding:

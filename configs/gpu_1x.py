@@ -8,15 +8,19 @@ one (row and column statistics) and the first moment bfloat16 (``config.train.se
 (``remat_policy=full``), and the layers run as one scanned block. bf16 compute; attention through
 jax.nn.dot_product_attention (cuDNN's fused attention where it supports the shape).
 
-Check the fit before renting the GPU (docs/paper_setup.md has the measured table):
-  python -m medim_jax.aot --config configs/gpu_1x.py --topology h100-1
+Per-GPU memory of the train step (Liquid's Gemma layout, 1,280 tokens), from
+``python -m medim_jax.aot --config configs/gpu_1x.py --topology h100-1`` (one CPU device standing in
+for the GPU, 2026-12-06): state 23.24 GiB, temporaries 36.24 GiB, total 59.48 GiB at batch 8 (the
+paper's); batch 16 needs 65.45 GiB (the H200 default here), batch 32 84.38 GiB. Without the scanned
+layers it is 129 GiB; with Adam's full second moment 80-83 GiB (docs/paper_setup.md has the table).
+JAX preallocates 75% of a GPU by default: set XLA_PYTHON_CLIENT_MEM_FRACTION=0.9 on an 80 GB card.
 
 Data: empty slots data.datasets.chest and data.datasets.pathology, as configs/tpu_v5p.py.
 """
 
 from configs import medim_liquid7b, tpu_v5p
 
-BATCH = {"h100": 8, "h200": 8}
+BATCH = {"h100": 8, "h200": 16}
 
 
 def get_config(arg="h100"):

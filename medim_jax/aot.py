@@ -56,6 +56,11 @@ CHAMELEON_DOWNSAMPLE = 16  # 512 px -> 32 x 32 = 1,024 image tokens
 
 LAYOUTS = ("auto", "gemma", "llama2", "config", "shards")
 
+_FIT_HINT = ("use more devices (fsdp), a smaller config.train.batch_size, "
+             "config.model.remat_policy=full with config.model.scan_layers=True, or a smaller "
+             "optimizer state (config.train.mu_dtype=bfloat16, config.train.second_moment=factored; "
+             "configs/gpu_1x.py uses all of these)")
+
 
 @dataclasses.dataclass(frozen=True)
 class Target:
@@ -212,8 +217,11 @@ def abstract_batch(layout: TokenLayout, batch_size: int, mesh, num_findings: int
 
 def state_copies(config) -> dict[str, float]:
   """f32 copies of the parameters the train state holds: params, Adam's two moments (a bfloat16
-  first moment is half a copy), EMA if on."""
-  copies = {"params": 1, "adam_moments": 1.5 if config.train.get("mu_dtype") == "bfloat16" else 2}
+  first moment is half a copy; a factored second moment's row and column statistics are none),
+  EMA if on."""
+  first = 0.5 if config.train.get("mu_dtype") == "bfloat16" else 1
+  second = 0 if config.train.get("second_moment", "full") == "factored" else 1
+  copies = {"params": 1, "adam_moments": first + second}
   if config.train.ema_decay > 0:
     copies["ema"] = 1
   return copies
@@ -301,8 +309,7 @@ def compile_train_step(config, layout: TokenLayout, target: Target, devices,
       raise
     message = str(e).split("RESOURCE_EXHAUSTED:", 1)[-1].strip().splitlines()[0]
     raise errors.InputError(
-        f"the train step does not fit {target.describe()} (XLA: {message}); use more devices "
-        "(fsdp), a smaller config.train.batch_size, or config.model.remat_policy=full") from None
+        f"the train step does not fit {target.describe()} (XLA: {message}); {_FIT_HINT}") from None
   seconds = time.perf_counter() - start
   num_params = transformer.count_params(trainer.model.abstract_params)
   report = Report(
@@ -322,7 +329,7 @@ def format_report(report: Report) -> str:
   gib = lambda n: f"{n / scale:8.2f}"
   layout, mesh = report.layout, report.mesh_shape
   shards = mesh["fsdp"] * mesh["tensor"]
-  copies = " + ".join(f"{n} {name}" if n > 1 else name for name, n in report.state_copies.items())
+  copies = " + ".join(f"{n:g} {name}" if n != 1 else name for name, n in report.state_copies.items())
   batch_shards = mesh["data"] * mesh["fsdp"]
   lines = [
       f"target: {report.target.describe()}",
@@ -374,7 +381,7 @@ def check_fits(report: Report, config_name: str) -> None:
   raise errors.InputError(
       f"{config_name} does not fit {report.target.describe()}: the train step needs "
       f"{_size(report.total_bytes)} per device, the device has {report.device_memory_gib:g} GiB; "
-      "use more devices (fsdp), a smaller config.train.batch_size, or config.model.remat_policy=full")
+      f"{_FIT_HINT}")
 
 
 # ------------------------------------------------------------------------------------------------

@@ -72,6 +72,24 @@ def test_aot_compiles_the_step_of_a_model_with_a_finding_head_and_its_labelled_b
   assert report.batch_bytes - plain.batch_bytes == rows_per_device * (3 * 4 + 1)  # labels, known
 
 
+def test_the_one_gpu_config_compiles_with_factored_moments_and_counts_them():
+  # configs/gpu_1x.py's optimizer settings on the tiny model: the compiled state holds the params,
+  # a bfloat16 first moment and only row/column statistics of the second.
+  config = tiny_config()
+  config.mesh.num_devices, config.mesh.data, config.mesh.fsdp = 1, 1, 1
+  config.train.mu_dtype, config.train.second_moment = "bfloat16", "factored"
+  config.model.scan_layers, config.model.remat_policy = True, "full"
+  config.model.d_model = config.model.mlp_dim = 128  # the MLP kernels are factored (>= 128 x 128)
+  target = aot.parse_target("h100-1", cpu_devices=1)
+  report, _ = aot.compile_train_step(config, LAYOUT, target, aot.target_devices(target))
+  assert report.state_copies == {"params": 1, "adam_moments": 0.5, "ema": 1}
+  num_params = closed_form_param_count(config.model, LAYOUT)
+  assert report.analytic_state_bytes == 4 * num_params * 2.5
+  # The factored statistics are small but not nothing: vectors keep a full second moment.
+  assert report.analytic_state_bytes < report.sharded_state_bytes < 4 * num_params * 3.5
+  assert "0.5 adam_moments" in aot.format_report(report)
+
+
 def test_targets_and_the_paper_layout():
   v5p = aot.parse_target("v5p-16", cpu_devices=8)
   assert (v5p.platform, v5p.num_devices, v5p.topology_name, v5p.device_memory_gib) == (

@@ -219,6 +219,9 @@ def get_config(arg=None):
   # (margin), or the entropies revealed in one step summed, in nats (entropy_bound).
   config.sample.reveal_threshold = 0.9
   config.sample.early_exit = True       # end the loop once no row has a MASK left
+  # > 1: draw that many samples per row and keep the one the model finds most likely given the
+  # condition (diffusion/rerank.py); N times the sampling cost. 1: the sampler's draw as it is.
+  config.sample.rerank_candidates = 1
   config.sample.tasks = "report_to_image,image_to_report,joint"
   config.sample.num_examples = 64       # per task, from the eval split
   config.sample.batch_size = 64

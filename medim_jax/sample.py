@@ -8,10 +8,10 @@ import os
 import jax
 import numpy as np
 
-from medim_jax import checkpointing, progress, train, visualize
+from medim_jax import checkpointing, errors, progress, train, visualize
 from medim_jax.data import base as data_base
 from medim_jax.data import build as data_build
-from medim_jax.diffusion import sampler as sampler_lib
+from medim_jax.diffusion import rerank, sampler as sampler_lib
 from medim_jax.parallel import sharding
 
 
@@ -83,9 +83,20 @@ def generate_task(config, trainer: train.Trainer, params, layout, split: data_ba
                                 sampler_lib.SamplerConfig.from_config(config.sample),
                                 batch_sharding=sharding.batch_sharding(trainer.mesh))
   inputs = sampler_lib.task_inputs(task, split.tokens, split.prompt_length, layout)
-  out = sample_in_batches(sampler, params, trainer.mesh, inputs, split.example_id,
-                          config.sample.batch_size, config.sample.seed,
-                          sampler.steps_for_task(task), f"sample {task}")
+  count = int(config.sample.get("rerank_candidates", 1))
+  if count < 1:
+    raise errors.InputError(f"config.sample.rerank_candidates must be >= 1, got {count}")
+  candidates = [sample_in_batches(
+      sampler, params, trainer.mesh, inputs, split.example_id, config.sample.batch_size,
+      config.sample.seed + c, sampler.steps_for_task(task),
+      f"sample {task}" + (f" ({c + 1}/{count})" if count > 1 else "")) for c in range(count)]
+  out = candidates[0]
+  if count > 1:
+    with jax.set_mesh(trainer.mesh):
+      scores = rerank.target_log_likelihood(trainer.model.apply, params, trainer.schedule, layout,
+                                            inputs, np.stack([c.tokens for c in candidates]),
+                                            config.sample.batch_size)
+    out = rerank.pick_best(candidates, scores)
   return (out.tokens, out.reveal_prob) if with_confidence else out.tokens
 
 

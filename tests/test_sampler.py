@@ -265,3 +265,56 @@ def test_adaptive_strategies_keep_conditions_fill_every_mask_and_ignore_the_batc
                             image_steps=12, early_exit=False)(PARAMS, x, np.arange(6), seed=2)
   for name in ("tokens", "reveal_step", "model_calls"):
     np.testing.assert_array_equal(getattr(every_step, name), getattr(out, name))
+
+
+def test_rerank_scores_are_the_model_log_likelihood_of_the_generated_tokens_and_keep_the_best():
+  from medim_jax.diffusion import rerank
+  schedule = schedules.LogLinearSchedule()
+  _, x = inputs("image_to_report", batch=5)
+  sampler = make_sampler()
+  candidates = [jax.tree.map(np.asarray, sampler(PARAMS, x, np.arange(5), seed=s, segment_steps=(3, 0)))
+                for s in range(3)]
+  stacked = np.stack([c.tokens for c in candidates])
+  scores = rerank.target_log_likelihood(APPLY, PARAMS, schedule, LAYOUT, x, stacked, batch_size=2)
+  # Closed form, one row and candidate at a time: sum over the masked positions of log p(token).
+  sigma = np.full((1,), schedule.sigma(1.0), np.float32)
+  for n in range(3):
+    for b in range(5):
+      log_probs = np.asarray(loss_lib.subs_log_probs(APPLY(PARAMS, x[b:b + 1], sigma), LAYOUT))[0]
+      masked = np.flatnonzero(x[b] == LAYOUT.mask_id)
+      want = log_probs[masked, stacked[n, b, masked]].sum()
+      np.testing.assert_allclose(scores[n, b], want, rtol=1e-5)
+  best = rerank.pick_best(candidates, scores)
+  for b in range(5):
+    winner = int(np.argmax(scores[:, b]))
+    np.testing.assert_array_equal(best.tokens[b], candidates[winner].tokens[b])
+    np.testing.assert_array_equal(best.reveal_prob[b], candidates[winner].reveal_prob[b])
+  assert len({tuple(c.tokens[0]) for c in candidates}) > 1  # the seeds drew different reports
+
+
+def test_generate_task_with_rerank_keeps_for_each_row_its_most_likely_candidate():
+  from configs import smoke
+  from medim_jax import errors, sample, train
+  from medim_jax.data import build as data_build
+  from medim_jax.diffusion import rerank
+  config = smoke.get_config("tiny")
+  config.sample.update(text_steps=2, image_steps=2, batch_size=4)
+  dataset = data_build.build_dataset(config)
+  trainer = train.Trainer(config, dataset.layout)
+  params = trainer.init_state(0).params
+  split = dataset.eval.subset(np.arange(6))
+
+  def generate(**sample_config):
+    config.sample.update(sample_config)
+    return sample.generate_task(config, trainer, params, dataset.layout, split, "image_to_report")
+
+  single = np.stack([generate(rerank_candidates=1, seed=seed) for seed in range(3)])  # (3, B, L)
+  chosen = generate(rerank_candidates=3, seed=0)
+  inputs = sampler_lib.task_inputs("image_to_report", split.tokens, split.prompt_length,
+                                   dataset.layout)
+  scores = rerank.target_log_likelihood(trainer.model.apply, params, trainer.schedule,
+                                        dataset.layout, inputs, single, batch_size=4)
+  np.testing.assert_array_equal(chosen, single[np.argmax(scores, axis=0), np.arange(6)])
+  assert not np.array_equal(single[0], single[1])  # the candidates differ
+  with pytest.raises(errors.InputError, match="rerank_candidates"):
+    generate(rerank_candidates=0)

@@ -22,11 +22,11 @@ import time
 
 import numpy as np
 
-from medim_jax import integrity, sample, train, visualize
-from medim_jax.data import base as data_base
-from medim_jax.data import build as data_build
-from medim_jax.evaluation import card as card_lib
-from medim_jax.evaluation import clinical, ground_truth, image_metrics, memorisation
+from medim_jax import integrity, sample, visualize
+from medim_jax.data import base as data_base, build as data_build
+from medim_jax.evaluation import card as card_lib, ground_truth, image_metrics, memorisation
+from medim_jax.evaluation.demo import clinical
+from medim_jax.training import train
 
 TASKS = ("image_to_report", "report_to_image", "joint")
 

@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import os
 
-from medim_jax import sample, train
+from medim_jax import sample
 from medim_jax.data import build as data_build
+from medim_jax.training import train
 
 SHARD_DATA = ("medim_demo", "folders")
 
@@ -18,7 +19,7 @@ def run(config, workdir: str, mode: str) -> None:
     build_data(config)
     return
   if mode == "train_vq":
-    from medim_jax import train_vq
+    from medim_jax.training import train_vq
     train_vq.train_vq(config, workdir)
     return
   if mode == "eval":
@@ -50,7 +51,7 @@ def run_all_stages(config, workdir: str) -> None:
   if config.data.name == "medim_demo":
     build_data(config)
   if config.data.image_tokenizer == "vq":
-    from medim_jax import train_vq
+    from medim_jax.training import train_vq
     if train_vq.is_trained(config, workdir):
       print(f"VQ tokenizer: reusing {train_vq.tokenizer_path(workdir)}")
     else:
@@ -92,5 +93,5 @@ def build_data(config) -> None:
 def score(config, workdir: str, dataset) -> dict:
   if config.data.name != "smoke":
     raise ValueError(f"--mode score knows the smoke data only; config.data.name is {config.data.name!r}")
-  from medim_jax.evaluation import smoke_scoring
+  from medim_jax.evaluation.demo import smoke_scoring
   return smoke_scoring.score_workdir(workdir, dataset)

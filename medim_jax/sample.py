@@ -8,11 +8,11 @@ import os
 import jax
 import numpy as np
 
-from medim_jax import checkpointing, errors, progress, train, visualize
-from medim_jax.data import base as data_base
-from medim_jax.data import build as data_build
+from medim_jax import errors, progress, visualize
+from medim_jax.data import base as data_base, build as data_build
 from medim_jax.diffusion import rerank, sampler as sampler_lib
 from medim_jax.parallel import sharding
+from medim_jax.training import checkpointing, train
 
 
 def load_sampling_params(config, workdir: str, trainer: train.Trainer, step: int | None = None):

@@ -14,8 +14,8 @@ def main(port: str, process_id: str, out_path: str):
   import numpy as np
   from jax.experimental import multihost_utils
 
-  from medim_jax import train
   from medim_jax.data import build as data_build
+  from medim_jax.training import train
   from tests.test_parallel import config_on
 
   config = config_on((2, 2, 1))  # 4 devices: 2 per process

@@ -6,6 +6,7 @@ import pytest
 
 from configs import medim_liquid7b, smoke
 from medim_jax import aot, errors
+from medim_jax.parallel import topologies
 from medim_jax.tokenizers.vocab import TokenLayout
 
 LAYOUT = TokenLayout(text_vocab_size=30, image_vocab_size=16, text_length=8, image_length=36)
@@ -33,8 +34,8 @@ def closed_form_param_count(m, layout: TokenLayout) -> int:
 
 def test_aot_compiles_the_sharded_train_step_and_reports_its_memory():
   config = tiny_config()
-  target = aot.parse_target("", cpu_devices=8)
-  report, _ = aot.compile_train_step(config, LAYOUT, target, aot.target_devices(target))
+  target = topologies.parse_target("", cpu_devices=8)
+  report, _ = aot.compile_train_step(config, LAYOUT, target, topologies.target_devices(target))
 
   assert report.mesh_shape == {"data": 2, "fsdp": 4, "tensor": 1}
   memory = report.memory
@@ -63,10 +64,10 @@ def test_aot_compiles_the_sharded_train_step_and_reports_its_memory():
 
 def test_aot_compiles_the_step_of_a_model_with_a_finding_head_and_its_labelled_batch():
   config = tiny_config()
-  target = aot.parse_target("", cpu_devices=8)
-  plain, _ = aot.compile_train_step(config, LAYOUT, target, aot.target_devices(target))
+  target = topologies.parse_target("", cpu_devices=8)
+  plain, _ = aot.compile_train_step(config, LAYOUT, target, topologies.target_devices(target))
   config.model.finding_names = "nodule,opacity,effusion"
-  report, _ = aot.compile_train_step(config, LAYOUT, target, aot.target_devices(target))
+  report, _ = aot.compile_train_step(config, LAYOUT, target, topologies.target_devices(target))
   assert report.num_params == closed_form_param_count(config.model, LAYOUT) + 3 * config.model.d_model
   rows_per_device = config.train.batch_size // 8  # split over data 2 x fsdp 4
   assert report.batch_bytes - plain.batch_bytes == rows_per_device * (3 * 4 + 1)  # labels, known
@@ -80,8 +81,8 @@ def test_the_one_gpu_config_compiles_with_factored_moments_and_counts_them():
   config.train.mu_dtype, config.train.second_moment = "bfloat16", "factored"
   config.model.scan_layers, config.model.remat_policy = True, "full"
   config.model.d_model = config.model.mlp_dim = 128  # the MLP kernels are factored (>= 128 x 128)
-  target = aot.parse_target("h100-1", cpu_devices=1)
-  report, _ = aot.compile_train_step(config, LAYOUT, target, aot.target_devices(target))
+  target = topologies.parse_target("h100-1", cpu_devices=1)
+  report, _ = aot.compile_train_step(config, LAYOUT, target, topologies.target_devices(target))
   assert report.state_copies == {"params": 1, "adam_moments": 0.5, "ema": 1}
   num_params = closed_form_param_count(config.model, LAYOUT)
   assert report.analytic_state_bytes == 4 * num_params * 2.5
@@ -91,14 +92,14 @@ def test_the_one_gpu_config_compiles_with_factored_moments_and_counts_them():
 
 
 def test_targets_and_the_paper_layout():
-  v5p = aot.parse_target("v5p-16", cpu_devices=8)
+  v5p = topologies.parse_target("v5p-16", cpu_devices=8)
   assert (v5p.platform, v5p.num_devices, v5p.topology_name, v5p.device_memory_gib) == (
       "tpu", 8, "v5:2x2x2", 95.0)
-  h100 = aot.parse_target("h100-8", cpu_devices=1)
+  h100 = topologies.parse_target("h100-8", cpu_devices=1)
   assert (h100.platform, h100.num_devices, h100.device_memory_gib) == ("cpu", 8, 80.0)
   for bad in ("v5p-12", "tpu9-8"):
     with pytest.raises(errors.InputError, match="--topology"):
-      aot.parse_target(bad, cpu_devices=8)
+      topologies.parse_target(bad, cpu_devices=8)
   layout = aot.layout_for(medim_liquid7b.get_config())  # auto: Liquid's Gemma ids
   assert (layout.vocab_size, layout.text_length, layout.image_length) == (264_193, 256, 1_024)
   assert aot.layout_for(medim_liquid7b.get_config(), "llama2").vocab_size == 40_196
@@ -108,6 +109,6 @@ def test_targets_and_the_paper_layout():
                     reason="TPU topologies need libtpu (TPU_LIBRARY_PATH); see medim_jax/aot.py")
 def test_aot_compiles_for_a_tpu_topology():
   config = tiny_config()
-  target = aot.parse_target("v5p-16", cpu_devices=8)
-  report, _ = aot.compile_train_step(config, LAYOUT, target, aot.target_devices(target))
+  target = topologies.parse_target("v5p-16", cpu_devices=8)
+  report, _ = aot.compile_train_step(config, LAYOUT, target, topologies.target_devices(target))
   assert report.memory["total"] > 0 and report.flops_per_device > 0

@@ -6,8 +6,9 @@ import numpy as np
 import pytest
 
 import helpers
-from medim_jax import bench
+from medim_jax.bench import cli, sampler_loop, shapes, timing
 from medim_jax.diffusion import sampler as sampler_lib, schedules
+from medim_jax.models import transformer
 
 LAYOUT = helpers.LAYOUT
 # Grouped KV heads, segment markers and learned positions: every part the baseline must mirror.
@@ -24,18 +25,18 @@ def test_flop_count_matches_the_closed_form_and_the_programs_matmuls():
           "attention": batch * 2 * 2 * 2 * seq * seq * 4 * 8,
           "head": batch * length * 2 * 32 * 20,
           "conditioning": batch * (2 * (16 * 32 + 32 * 32) + 2 * 2 * 32 * 6 * 32)}
-  assert bench.forward_flops(cfg, batch, length) == want
+  assert shapes.forward_flops(cfg, batch, length) == want
 
   tokens = jnp.asarray(helpers.random_tokens(np.random.default_rng(0), batch))
-  counted = bench.jaxpr_matmul_flops(APPLY, PARAMS, tokens, jnp.ones(batch), None)
+  counted = shapes.jaxpr_matmul_flops(APPLY, PARAMS, tokens, jnp.ones(batch), None)
   assert counted == sum(want.values())
 
 
 def test_the_torch_baseline_is_the_same_model():
   torch = pytest.importorskip("torch")
-  from medim_jax import bench_torch
+  from medim_jax.bench import torch_twin as bench_torch
   model = bench_torch.MeDiMTorch(helpers.tiny_config(**OVERRIDES))
-  assert bench_torch.count_params(model) == bench.transformer.count_params(PARAMS)
+  assert bench_torch.count_params(model) == transformer.count_params(PARAMS)
 
   bench_torch.load_jax_params(model, PARAMS)
   tokens = helpers.random_tokens(np.random.default_rng(1), 3)
@@ -56,15 +57,15 @@ def test_the_python_loop_sampler_generates_what_the_jitted_sampler_does():
   ids = np.arange(10, 14)
   want = sampler_lib.Sampler(APPLY, LAYOUT, schedule, config)(PARAMS, x, ids, 7).tokens
   # The jitted step runs the very code the op-by-op loop runs, and compiles in a fraction of the time.
-  loop = bench.PythonLoopSampler(APPLY, LAYOUT, schedule, config, jit_step=True)
+  loop = sampler_loop.PythonLoopSampler(APPLY, LAYOUT, schedule, config, jit_step=True)
   np.testing.assert_array_equal(loop(PARAMS, x, ids, 7, (2, 3)), np.asarray(want))
 
 
 def test_a_shape_the_device_cannot_hold_is_reported_and_other_errors_are_not_hidden():
   too_big = lambda: jax.block_until_ready(jax.jit(lambda: jnp.ones((2**42,), jnp.float32))())
-  result = bench.out_of_memory_as_result("huge", too_big)
+  result = timing.out_of_memory_as_result("huge", too_big)
   assert result["shape"] == "huge" and result["error"].startswith("out of memory: RESOURCE_EXHAUSTED")
-  bench.print_train([result])  # the table prints the row instead of failing on missing numbers
-  assert bench.out_of_memory_as_result("fine", lambda: {"shape": "fine"}) == {"shape": "fine"}
+  cli.print_train([result])  # the table prints the row instead of failing on missing numbers
+  assert timing.out_of_memory_as_result("fine", lambda: {"shape": "fine"}) == {"shape": "fine"}
   with pytest.raises(TypeError):
-    bench.out_of_memory_as_result("broken", lambda: jnp.ones(3).reshape(2, 2))
+    timing.out_of_memory_as_result("broken", lambda: jnp.ones(3).reshape(2, 2))

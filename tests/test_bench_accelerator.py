@@ -4,7 +4,7 @@ import json
 import os
 import subprocess
 
-from medim_jax import bench_accelerator
+from medim_jax.bench import accelerator as bench_accelerator
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -38,4 +38,4 @@ def test_the_whole_plan_runs_and_writes_json_and_markdown(tmp_path):
 def test_the_launch_script_prints_its_command():
   out = subprocess.run(["bash", os.path.join(ROOT, "launch", "bench_gpu.sh"), "--dry-run"],
                        capture_output=True, text=True, check=True).stdout
-  assert "-m medim_jax.bench_accelerator --out bench_out --remat_policy full --mu_dtype bfloat16" in out
+  assert "-m medim_jax.bench.accelerator --out bench_out --remat_policy full --mu_dtype bfloat16" in out

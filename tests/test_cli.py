@@ -123,7 +123,7 @@ def test_main_job_runs_every_stage_on_folders_then_reuses_them(tmp_path):
   # metrics.json and report.html stay as they were.
   before = {name: (workdir / name).read_bytes() for name in ("eval/metrics.json", "report.html")}
   study = subprocess.run(
-      [sys.executable, "-m", "medim_jax.evaluation.reading_study", *common[:4], "--steps", "4",
+      [sys.executable, "-m", "medim_jax.evaluation.demo.reading_study", *common[:4], "--steps", "4",
        *common[4:]],
       cwd=ROOT, env=dict(os.environ, XLA_FLAGS="", JAX_PLATFORMS="cpu"), capture_output=True,
       text=True, timeout=280)

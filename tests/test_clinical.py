@@ -5,7 +5,8 @@ import numpy as np
 import pytest
 
 from medim_jax.data.iu_reports import FINDINGS
-from medim_jax.evaluation import clinical, memorisation
+from medim_jax.evaluation import memorisation
+from medim_jax.evaluation.demo import clinical
 
 
 def found(report: str) -> set[str]:

@@ -6,9 +6,8 @@ import numpy as np
 import pytest
 
 from configs import smoke as smoke_config
-from medim_jax.data import smoke
-from medim_jax.data import build as data_build
-from medim_jax.evaluation import smoke_scoring
+from medim_jax.data import build as data_build, smoke
+from medim_jax.evaluation.demo import smoke_scoring
 from medim_jax.tokenizers.text import WordTokenizer
 from medim_jax.tokenizers.vocab import TokenLayout
 

@@ -193,7 +193,7 @@ class Blank:
 
 
 def test_finding_visibility_is_one_for_a_lossless_tokenizer_and_zero_for_a_blind_one(phantom):
-  from medim_jax.evaluation import finding_visibility
+  from medim_jax.evaluation.demo import finding_visibility
   with_finding, without = finding_visibility.paired_renders(phantom, "pleural_effusion", 3, 32, 0)
   assert (with_finding != without).any()
   difference = np.abs(with_finding.astype(int) - without).sum(axis=(1, 2, 3))
@@ -204,7 +204,7 @@ def test_finding_visibility_is_one_for_a_lossless_tokenizer_and_zero_for_a_blind
 
 def test_difference_sheet_shows_what_each_tokenizer_passes_on(phantom, tmp_path):
   from PIL import Image
-  from medim_jax.evaluation import finding_visibility
+  from medim_jax.evaluation.demo import finding_visibility
   path = str(tmp_path / "sheet.png")
   finding_visibility.difference_sheet({"lossless": Identity(), "blind": Blank()}, 32, path, phantom)
   sheet = np.asarray(Image.open(path).convert("RGB"))

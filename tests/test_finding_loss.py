@@ -79,7 +79,7 @@ def test_finding_labels_are_looked_up_by_example_id_and_unlabelled_datasets_are_
 
 def test_without_finding_names_the_model_is_unchanged_and_with_them_only_the_head_is_added():
   from configs import demo
-  from medim_jax import train
+  from medim_jax.training import train
   layout = TokenLayout(text_vocab_size=16, image_vocab_size=8, text_length=6, image_length=16)
   config = demo.get_config("tiny")
   config.model.image_embedding_init = "random"
@@ -93,9 +93,9 @@ def test_without_finding_names_the_model_is_unchanged_and_with_them_only_the_hea
 
 def test_the_finding_loss_teaches_the_head_to_read_a_finding_carried_by_one_image_token():
   from configs import demo
-  from medim_jax import train
   from medim_jax.diffusion import sampler as sampler_lib
-  from medim_jax.evaluation import clinical
+  from medim_jax.evaluation.demo import clinical
+  from medim_jax.training import train
 
   config = demo.get_config("tiny")
   config.model.image_embedding_init = "random"

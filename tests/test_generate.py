@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from medim_jax import errors, generate, jobs
+from medim_jax import errors, inference, jobs
 from tests.test_shards_and_pipeline import folders_config, make_folder
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -35,7 +35,7 @@ def run(tmp_path_factory):
   workdir = str(root / "run")
   jobs.run(config, workdir, "tokenize")
   jobs.run(config, workdir, "train")
-  return root, workdir, generate.MeDiMPipeline.from_workdir(workdir)
+  return root, workdir, inference.MeDiMPipeline.from_workdir(workdir)
 
 
 def test_the_run_s_own_config_is_read_from_its_workdir(run):
@@ -43,7 +43,7 @@ def test_the_run_s_own_config_is_read_from_its_workdir(run):
   expected = tiny_run_config(root)
   expected.data.verify_shards = False  # the pipeline reads only the tokenizers and the layout
   assert pipe.config.to_dict() == expected.to_dict() and pipe.step == 4
-  assert generate.MeDiMPipeline.from_workdir(workdir, step=2).step == 2
+  assert inference.MeDiMPipeline.from_workdir(workdir, step=2).step == 2
 
 
 def test_each_task_gives_images_and_reports(run):
@@ -114,7 +114,7 @@ def test_an_image_edit_changes_only_the_masked_tokens(run):
   film = Image.open(root / "a_test" / "case001.png")
   mask = np.zeros((16, 16), bool)
   mask[:, :8] = True  # the left half: token columns 0-1 of the 4 x 4 grid
-  redraw = generate.mask_to_tokens(mask, (16, 16), pipe.grid, "pad")
+  redraw = inference.mask_to_tokens(mask, (16, 16), pipe.grid, "pad")
   assert redraw.reshape(4, 4)[:, :2].all() and not redraw.reshape(4, 4)[:, 2:].any()
   codes = pipe.image_codes([film])[0][0]
   row = pipe.infill_row(image=film, image_mask=mask, report="upper left finding.")
@@ -124,7 +124,7 @@ def test_an_image_edit_changes_only_the_masked_tokens(run):
   assert np.isnan(out.image_confidence[0].reshape(-1)[~redraw]).all()
   assert np.isfinite(out.image_confidence[0].reshape(-1)[redraw]).all()
   # A mask over a film of another shape goes through the same pad-and-resize as the film.
-  wide = generate.mask_to_tokens(np.pad(mask, ((0, 0), (0, 16))), (16, 32), pipe.grid, "pad")
+  wide = inference.mask_to_tokens(np.pad(mask, ((0, 0), (0, 16))), (16, 32), pipe.grid, "pad")
   assert not wide.reshape(4, 4)[:1].any() and wide.reshape(4, 4)[1:3, :1].all()
   image, _ = pipe.infill(image=film, image_mask=mask, report="upper left finding.")
   assert image.size == (16, 16)
@@ -146,11 +146,11 @@ def test_bad_inputs_are_one_clear_error_each(run, tmp_path):
       (lambda: pipe.report_to_image(["upper"], tempature=2.0), "sampler settings"),
       (lambda: pipe.report_to_image(["upper"], dataset="brain"), r"unknown dataset 'brain'; this "
        r"model was trained on \['chest', 'pathology'\]"),
-      (lambda: generate.MeDiMPipeline.from_workdir(str(tmp_path)), "has no checkpoints/"),
+      (lambda: inference.MeDiMPipeline.from_workdir(str(tmp_path)), "has no checkpoints/"),
   ]
   other = tiny_run_config(root)
   other.model.d_model = 48
-  cases.append((lambda: generate.MeDiMPipeline.from_workdir(workdir, config=other), "is not of the model"))
+  cases.append((lambda: inference.MeDiMPipeline.from_workdir(workdir, config=other), "is not of the model"))
   with pipe.config.unlocked():
     pipe.config.data.truncate_reports = False  # True (the demo's setting) truncates with a warning
   try:
@@ -225,9 +225,9 @@ def test_the_command_writes_images_and_a_record_and_nothing_on_bad_input(run, tm
 KILLABLE_EVAL = """
 import sys
 import time
-from medim_jax import generate, jobs
+from medim_jax import inference, jobs
 workdir = sys.argv[1]
-config = generate.config_of_workdir(workdir)
+config = inference.config_of_workdir(workdir)
 config.eval.tasks = "image_to_report,report_to_image"
 config.eval.report_metrics = False
 jobs.run(config, workdir, "eval")

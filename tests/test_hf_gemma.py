@@ -18,7 +18,7 @@ from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from safetensors.numpy import load_file, save_file
 
-from medim_jax.convert import hf_gemma
+from medim_jax.convert import hf_gemma, safetensors_files
 from medim_jax.errors import InputError
 from medim_jax.models import transformer
 from medim_jax.tokenizers.vocab import TokenLayout
@@ -74,7 +74,7 @@ def write_checkpoint(directory, tensors, config=None):
     save_file({n: tensors[n] for n in part}, os.path.join(directory, file),
               metadata={"format": "pt"})
     weight_map.update({n: file for n in part})
-  with open(os.path.join(directory, hf_gemma.INDEX_FILE), "w") as f:
+  with open(os.path.join(directory, safetensors_files.INDEX_FILE), "w") as f:
     json.dump({"metadata": {}, "weight_map": weight_map}, f)
   with open(os.path.join(directory, hf_gemma.CONFIG_FILE), "w") as f:
     json.dump(config or hf_config(), f)
@@ -337,8 +337,8 @@ def test_config_mismatches_are_named(tmp_path, checkpoint):
 
 def test_training_starts_from_the_checkpoint_on_a_mesh(checkpoint):
   from configs import smoke
-  from medim_jax import train
   from medim_jax.data import build as data_build
+  from medim_jax.training import train
   config = smoke.get_config("tiny")
   config.model.update(dict(d_model=HIDDEN, num_layers=LAYERS, num_heads=HEADS, num_kv_heads=KV_HEADS,
                            head_dim=HEAD_DIM, mlp_dim=MLP, pretrained_dir=checkpoint,

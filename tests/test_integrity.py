@@ -6,8 +6,9 @@ import json
 import numpy as np
 import pytest
 
-from medim_jax import errors, evaluate, integrity, train
+from medim_jax import errors, evaluate, integrity
 from medim_jax.tokenizers import image, text
+from medim_jax.training import train
 from tests.test_tokenizers import REPORTS
 
 

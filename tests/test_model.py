@@ -12,7 +12,7 @@ from flax import nnx
 
 import helpers
 from medim_jax.models import conditioning, transformer
-from medim_jax.train import Model
+from medim_jax.training.train import Model
 
 
 def numpy_reference(params, cfg, tokens, sigma):

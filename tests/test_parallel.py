@@ -7,9 +7,10 @@ import numpy as np
 import pytest
 
 from configs import smoke
-from medim_jax import checkpointing, errors, train
+from medim_jax import errors
 from medim_jax.data import build as data_build
 from medim_jax.parallel import mesh as mesh_lib, sharding
+from medim_jax.training import checkpointing, train
 
 
 def config_on(mesh=(1, 1, 1)):

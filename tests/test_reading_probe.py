@@ -2,7 +2,7 @@
 
 import numpy as np
 
-from medim_jax.evaluation import clinical, reading_probe
+from medim_jax.evaluation.demo import clinical, reading_probe
 
 
 def test_report_scores_sum_each_candidates_log_probs_over_positions():
@@ -46,9 +46,9 @@ def test_a_reader_scores_auc_one_and_a_blind_model_one_half():
 
 def test_the_architecture_trained_on_labels_learns_a_finding_carried_by_one_image_token():
   from configs import demo
-  from medim_jax import train
   from medim_jax.diffusion import sampler as sampler_lib
   from medim_jax.tokenizers.vocab import TokenLayout
+  from medim_jax.training import train
 
   config = demo.get_config("tiny")
   config.model.image_embedding_init = "random"

@@ -4,7 +4,7 @@ import json
 
 import numpy as np
 
-from medim_jax.evaluation import reading_study
+from medim_jax.evaluation.demo import reading_study
 
 
 def fake_row(step):

@@ -13,8 +13,9 @@ import jax
 import numpy as np
 import pytest
 
-from medim_jax import checkpointing, errors, loss_watch, train
+from medim_jax import errors
 from medim_jax.data import build as data_build
+from medim_jax.training import checkpointing, loss_watch, train
 from tests.test_train import assert_trees_equal, tiny_config
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -325,7 +326,8 @@ def test_a_sealed_checkpoint_that_fails_to_restore_for_another_reason_is_not_mov
 SAVE_UNDER_A_FILE_SIZE_LIMIT = """
 import resource, sys
 import numpy as np
-from medim_jax import checkpointing, cli
+from medim_jax import cli
+from medim_jax.training import checkpointing
 cli.configure_logs(debug=False)
 resource.setrlimit(resource.RLIMIT_FSIZE, (200_000, 200_000))  # Python ignores SIGXFSZ: EFBIG
 checkpointer = checkpointing.Checkpointer(sys.argv[1], max_to_keep=3, remove_half_written=True)

@@ -294,9 +294,10 @@ def test_rerank_scores_are_the_model_log_likelihood_of_the_generated_tokens_and_
 
 def test_generate_task_with_rerank_keeps_for_each_row_its_most_likely_candidate():
   from configs import smoke
-  from medim_jax import errors, sample, train
+  from medim_jax import errors, sample
   from medim_jax.data import build as data_build
   from medim_jax.diffusion import rerank
+  from medim_jax.training import train
   config = smoke.get_config("tiny")
   config.sample.update(text_steps=2, image_steps=2, batch_size=4)
   dataset = data_build.build_dataset(config)

@@ -1,7 +1,8 @@
 """The sampler speed/quality table on a tiny trained smoke run."""
 
 from configs import smoke as smoke_config
-from medim_jax import jobs, sampler_pareto
+from medim_jax import jobs
+from medim_jax.bench import sampler_pareto
 
 
 def test_every_setting_is_measured_with_its_model_calls_and_quality(tmp_path):

@@ -8,10 +8,11 @@ import numpy as np
 import pytest
 
 from configs import smoke
-from medim_jax import checkpointing, errors, train
+from medim_jax import errors
 from medim_jax.data import build as data_build
 from medim_jax.models import code_embedding
 from medim_jax.tokenizers import image as image_tokenizers
+from medim_jax.training import checkpointing, optimizer, train
 
 
 def tiny_config(**train_overrides):
@@ -106,7 +107,7 @@ def test_bfloat16_first_moment_keeps_the_steps_close_to_float32(dataset):
   for a, b in zip(jax.tree.leaves(states["float32"].params), jax.tree.leaves(states["bfloat16"].params)):
     np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-3)
   with pytest.raises(errors.InputError, match="mu_dtype"):
-    train.make_optimizer(tiny_config(mu_dtype="float8").train)
+    optimizer.make_optimizer(tiny_config(mu_dtype="float8").train)
 
 
 def test_factored_second_moment_normalises_a_rank_one_gradient_to_its_sign():
@@ -114,7 +115,7 @@ def test_factored_second_moment_normalises_a_rank_one_gradient_to_its_sign():
   # divides g by |g|: the update is -learning_rate * sign(g), with 256 + 128 statistics, not 32,768.
   config = tiny_config(second_moment="factored", warmup_steps=0, learning_rate=0.01,
                        grad_clip_norm=1e9, weight_decay=0.0)
-  tx, learning_rate = train.make_optimizer(config.train)
+  tx, learning_rate = optimizer.make_optimizer(config.train)
   rng = np.random.default_rng(0)
   a, b = rng.uniform(0.5, 2, 256) * rng.choice([-1, 1], 256), rng.uniform(0.5, 2, 128)
   params = {"w": np.zeros((256, 128), np.float32), "bias": np.zeros((128,), np.float32)}
@@ -125,7 +126,7 @@ def test_factored_second_moment_normalises_a_rank_one_gradient_to_its_sign():
   updates, _ = tx.update(grads, state, params)
   np.testing.assert_allclose(updates["w"], -float(learning_rate(0)) * np.sign(grads["w"]), rtol=1e-5)
   with pytest.raises(errors.InputError, match="second_moment"):
-    train.make_optimizer(tiny_config(second_moment="diagonal").train)
+    optimizer.make_optimizer(tiny_config(second_moment="diagonal").train)
 
 
 def test_checkpoint_round_trips_the_whole_train_state(dataset, tmp_path):

@@ -12,9 +12,10 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from medim_jax import checkpointing, errors
+from medim_jax import errors
 from medim_jax.models import vq
 from medim_jax.tokenizers import image as image_tokenizers
+from medim_jax.training import checkpointing
 
 TINY = vq.VQConfig(channels=8, channel_mult=(1, 2, 2), num_res_blocks=1, attention_levels=(1,),
                    z_channels=8, embed_dim=4, codebook_size=16, num_groups=4)
@@ -93,7 +94,7 @@ def test_tokenizer_interface_and_file_round_trip(tmp_path):
 
 
 def test_spot_field_is_a_sum_of_gaussians():
-  from medim_jax import train_vq
+  from medim_jax.training import train_vq
   centres = np.array([[[10.0, 20.0], [0.0, 0.0]]])
   field = train_vq.spot_field((32, 32), centres, np.array([[2.0, 1.0]]), np.array([[0.3, -0.2]]))
   assert field.shape == (1, 32, 32)
@@ -103,8 +104,8 @@ def test_spot_field_is_a_sum_of_gaussians():
 
 
 def test_spots_are_grey_bounded_and_a_function_of_seed_and_step():
-  from medim_jax import train_vq
   from configs import demo as demo_config
+  from medim_jax.training import train_vq
   cfg = demo_config.get_config().vq_train
   cfg.batch_size = 64
   images = np.full((5, 24, 24, 3), 128, np.uint8)
@@ -125,7 +126,7 @@ def test_spots_are_grey_bounded_and_a_function_of_seed_and_step():
 
 
 def test_train_vq_resume_gives_the_uninterrupted_tokenizer(tmp_path, monkeypatch):
-  from medim_jax import train_vq
+  from medim_jax.training import train_vq
   from tests.test_shards_and_pipeline import folders_config, make_folder
   for name in ("a_train", "b_train"):
     make_folder(tmp_path / name, 12, len(name))
@@ -163,7 +164,7 @@ def test_train_vq_resume_gives_the_uninterrupted_tokenizer(tmp_path, monkeypatch
 
 @pytest.mark.parametrize("policy", ["skip", "stop"])
 def test_a_non_finite_vq_step_is_never_applied(tmp_path, monkeypatch, policy):
-  from medim_jax import train_vq
+  from medim_jax.training import train_vq
   from tests.test_shards_and_pipeline import folders_config, make_folder
   for name in ("a_train", "b_train"):
     make_folder(tmp_path / name, 12, len(name))

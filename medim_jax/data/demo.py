@@ -26,8 +26,7 @@ import time
 import numpy as np
 from PIL import Image
 
-from medim_jax import progress as progress_bars
-from medim_jax import visualize
+from medim_jax import progress as progress_bars, visualize
 
 BUILDER_VERSION = 1
 PARTS = ("chest", "pathology")

@@ -19,8 +19,7 @@ import numpy as np
 from medim_jax import errors
 from medim_jax.data import shards
 from medim_jax.data.base import PairedSplit, fixed_batches
-from medim_jax.tokenizers import image as image_tokenizers
-from medim_jax.tokenizers import text as text_tokenizers
+from medim_jax.tokenizers import image as image_tokenizers, text as text_tokenizers
 from medim_jax.tokenizers.vocab import TokenLayout
 
 

@@ -19,8 +19,7 @@ import numpy as np
 
 from medim_jax import errors, progress as progress_bars
 from medim_jax.data import folders, shards
-from medim_jax.tokenizers import image as image_tokenizers
-from medim_jax.tokenizers import text as text_tokenizers
+from medim_jax.tokenizers import image as image_tokenizers, text as text_tokenizers
 
 SPLITS = ("train", "val", "test")
 CHUNK = 512

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import os
 import time
 from typing import Any
@@ -14,14 +13,16 @@ import numpy as np
 import optax
 from flax import nnx
 
-from medim_jax import checkpointing, errors, integrity, loss_watch, preemption, progress as progress_bars
-from medim_jax.data import base as data_base
-from medim_jax.data import build as data_build
+from medim_jax import errors, progress as progress_bars
+from medim_jax.data import base as data_base, build as data_build
 from medim_jax.diffusion import corruption, loss as loss_lib, schedules
 from medim_jax.models import code_embedding, transformer
 from medim_jax.parallel import mesh as mesh_lib, sharding
 from medim_jax.tokenizers import image as image_tokenizers
 from medim_jax.tokenizers.vocab import TokenLayout
+from medim_jax.training import checkpointing, loss_watch, preemption
+from medim_jax.training.metric_writer import MetricWriter
+from medim_jax.training.optimizer import make_optimizer
 
 
 @flax.struct.dataclass
@@ -59,44 +60,6 @@ class Model:
     module = nnx.merge(self.graphdef, params)
     hidden = module.hidden(tokens, sigma, key_mask)
     return module.logits(hidden), module.findings(hidden)
-
-
-# Adam's first moment in bfloat16 halves its memory (2 bytes per parameter saved: 8.3 GB for the
-# paper model); the second moment and the params stay float32.
-MU_DTYPES = {"float32": None, "bfloat16": jnp.bfloat16}
-# "full": Adam's per-parameter second moment. "factored": Adafactor's (Shazeer & Stern, 2018): a
-# matrix keeps only its row and column means of g^2, so the second moment of the paper model
-# shrinks from 16.6 GB to a few MB; vectors and small matrices keep the full one.
-SECOND_MOMENTS = ("full", "factored")
-
-
-def make_optimizer(train_config):
-  learning_rate = optax.warmup_cosine_decay_schedule(
-      init_value=0.0, peak_value=train_config.learning_rate,
-      warmup_steps=train_config.warmup_steps,
-      decay_steps=max(train_config.num_steps, train_config.warmup_steps + 1),
-      end_value=train_config.learning_rate * train_config.end_learning_rate_fraction)
-  mu_dtype = train_config.get("mu_dtype", "float32")
-  if mu_dtype not in MU_DTYPES:
-    raise errors.InputError(f"config.train.mu_dtype must be one of {sorted(MU_DTYPES)}, got "
-                            f"{mu_dtype!r}")
-  second_moment = train_config.get("second_moment", "full")
-  if second_moment not in SECOND_MOMENTS:
-    raise errors.InputError(f"config.train.second_moment must be one of {SECOND_MOMENTS}, got "
-                            f"{second_moment!r}")
-  clip = optax.clip_by_global_norm(train_config.grad_clip_norm)
-  if second_moment == "full":
-    tx = optax.chain(clip, optax.adamw(
-        learning_rate, b1=train_config.b1, b2=train_config.b2, eps=train_config.adam_eps,
-        weight_decay=train_config.weight_decay, mu_dtype=MU_DTYPES[mu_dtype]))
-  else:
-    # Adafactor's normalisation, then Adam's debiased momentum (b1) of the normalised update, then
-    # AdamW's decoupled weight decay; b2 and adam_eps are Adam's and do not apply.
-    tx = optax.chain(clip, optax.scale_by_factored_rms(),
-                     optax.ema(train_config.b1, debias=True, accumulator_dtype=MU_DTYPES[mu_dtype]),
-                     optax.add_decayed_weights(train_config.weight_decay),
-                     optax.scale_by_learning_rate(learning_rate))
-  return tx, learning_rate
 
 
 class Trainer:
@@ -262,56 +225,6 @@ class Trainer:
   def evaluate(self, params, batches) -> dict[str, float]:
     totals = [self.eval_step(params, b, i) for i, b in enumerate(batches)]
     return {k: float(np.mean([m[k] for m in totals])) for k in totals[0]}
-
-
-class MetricWriter:
-  """Log lines, a metrics.jsonl for plots, and TensorBoard event files, all under workdir.
-
-  On several hosts only the first writes (the metrics are global arrays, the same on every host).
-  """
-
-  def __init__(self, workdir: str, resume_step: int | None = None):
-    self.enabled = jax.process_index() == 0
-    if not self.enabled:
-      return
-    os.makedirs(workdir, exist_ok=True)
-    path = os.path.join(workdir, "metrics.jsonl")
-    if resume_step is not None:
-      _drop_rows_after(path, resume_step)
-    self.jsonl = open(path, "a")
-    try:
-      from tensorboardX import SummaryWriter
-      self.tensorboard = SummaryWriter(os.path.join(workdir, "tensorboard"))
-    except ImportError:
-      self.tensorboard = None
-
-  def write(self, step: int, prefix: str, metrics: dict[str, float]) -> None:
-    if not self.enabled:
-      return
-    self.jsonl.write(json.dumps({"step": step, "split": prefix, **metrics}) + "\n")
-    self.jsonl.flush()
-    if self.tensorboard is not None:
-      for name, value in metrics.items():
-        self.tensorboard.add_scalar(f"{prefix}/{name}", value, step)
-      self.tensorboard.flush()
-
-  def close(self) -> None:
-    if not self.enabled:
-      return
-    self.jsonl.close()
-    if self.tensorboard is not None:
-      self.tensorboard.close()
-
-
-def _drop_rows_after(path: str, step: int) -> None:
-  """A resumed run redoes the steps after its checkpoint: their old rows would be duplicates."""
-  if not os.path.exists(path):
-    return
-  with open(path, encoding="utf-8", errors="replace") as f:
-    lines = f.readlines()
-  kept = [line for line, row in integrity.read_jsonl(path) if row.get("step", 0) <= step]
-  if len(kept) != len(lines):
-    integrity.write_text_atomically(path, "".join(kept))
 
 
 def _should_sync_every_step(setting: str) -> bool:

@@ -12,7 +12,7 @@ with probability t, cross-entropy of the masked positions restricted to their mo
 weighted 1/t, averaged over the noised positions). It leaves out our task mix (which positions stay
 clean), a difference of a few elementwise ops per step.
 
-Torch is a bench-only dependency: nothing outside ``bench.py`` imports this module.
+Torch is a bench-only dependency: nothing outside ``medim_jax/bench/`` imports this module.
 """
 
 from __future__ import annotations

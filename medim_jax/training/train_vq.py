@@ -27,9 +27,10 @@ import numpy as np
 import optax
 from flax import nnx
 
-from medim_jax import checkpointing, errors, loss_watch, preemption, progress, train, visualize
+from medim_jax import errors, progress, visualize
 from medim_jax.models import vq
 from medim_jax.tokenizers import image as image_tokenizers
+from medim_jax.training import checkpointing, loss_watch, metric_writer, preemption
 
 
 @flax.struct.dataclass
@@ -302,7 +303,7 @@ def train_vq(config, workdir: str, progress_bars: bool = True) -> dict:
     count = sum(np.size(x) for x in jax.tree.leaves(state.params))
     print(f"New VQ tokenizer: {count:,} parameters, {trainer.vq_config.downsample}x downsampling, "
           f"codebook {trainer.vq_config.codebook_size}; {len(train_images)} training images")
-  writer = train.MetricWriter(out_dir, resume_step=int(state.step))
+  writer = metric_writer.MetricWriter(out_dir, resume_step=int(state.step))
   bar = progress.bar(cfg.num_steps, "train_vq", "step", progress_bars, initial=int(state.step))
   window, unread, start = [], [], time.perf_counter()
   key = jax.random.PRNGKey(cfg.seed)
@@ -386,7 +387,7 @@ def evaluate(config, tokenizer, out_dir: str, train_images) -> dict:
                                                         stand_in.codebook_size)}}
   if config.data.name == "medim_demo" and "chest" in config.data.demo_parts:
     from medim_jax.data import demo_chest
-    from medim_jax.evaluation import finding_visibility
+    from medim_jax.evaluation.demo import finding_visibility
     phantom = demo_chest.ChestPhantom.from_ct(*demo_chest.ct_paths())
     for name, tok in (("vq", tokenizer), ("patch_kmeans_stand_in", stand_in)):
       report[name]["finding_contrast_retained"] = finding_visibility.finding_visibility(

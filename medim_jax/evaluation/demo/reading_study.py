@@ -8,8 +8,8 @@ per run (rewritten atomically after every checkpoint, so a run cut short keeps w
 and a rerun measures only the checkpoints not in it yet); ``--plot`` draws the curves of several
 runs into one PNG.
 
-``python -m medim_jax.evaluation.reading_study --config configs/demo.py --workdir W --steps 750,3000``
-``python -m medim_jax.evaluation.reading_study --plot docs/reading_study.png W1/reading_study.json ...``
+``python -m medim_jax.evaluation.demo.reading_study --config configs/demo.py --workdir W --steps 750,3000``
+``python -m medim_jax.evaluation.demo.reading_study --plot docs/reading_study.png W1/reading_study.json ...``
 """
 
 from __future__ import annotations
@@ -24,9 +24,10 @@ CURVE_FINDINGS = ("cardiomegaly", "opacity")
 
 def measure(config, workdir: str, step: int, examples: int = 180) -> dict:
   """One checkpoint's row: held-out losses, reading AUCs, image->report / report->image F1."""
-  from medim_jax import evaluate, sample, train
+  from medim_jax import evaluate, sample
   from medim_jax.data import build as data_build
-  from medim_jax.evaluation import reading_probe
+  from medim_jax.evaluation.demo import reading_probe
+  from medim_jax.training import train
 
   config = config.copy_and_resolve_references()
   with config.unlocked():

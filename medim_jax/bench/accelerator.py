@@ -1,6 +1,6 @@
 """One prepared accelerator benchmark: everything a lent GPU should measure, in minutes, in one run.
 
-``launch/bench_gpu.sh`` runs ``python -m medim_jax.bench_accelerator --out DIR`` and writes
+``launch/bench_gpu.sh`` runs ``python -m medim_jax.bench.accelerator --out DIR`` and writes
 ``DIR/bench_accelerator.json`` and ``DIR/bench_accelerator.md``:
 
 1. the matmul peak (8192^3 bf16 on a GPU);
@@ -28,7 +28,8 @@ import time
 
 import jax
 
-from medim_jax import bench, train
+from medim_jax.bench import sampler_loop, shapes, timing
+from medim_jax.training import train
 
 SHAPE_SETS = {
     # (demo shape, paper shape, candidate paper batches, sampler steps)
@@ -37,7 +38,7 @@ SHAPE_SETS = {
 }
 
 
-def compiled_bytes(shape: bench.Shape) -> int | None:
+def compiled_bytes(shape: shapes.Shape) -> int | None:
   """Per-device memory of the compiled train step (as ``python -m medim_jax.aot`` counts it);
   None where the backend gives no memory analysis."""
   from medim_jax import aot
@@ -69,8 +70,8 @@ def largest_fitting_batch(name: str, overrides: dict, candidates, limit: int | N
   return candidates[-1], tried
 
 
-def paper_shape(name: str, overrides: dict, batch_size: int, mu_dtype: str) -> bench.Shape:
-  shape = bench.build_shape(name, overrides, batch_size)
+def paper_shape(name: str, overrides: dict, batch_size: int, mu_dtype: str) -> shapes.Shape:
+  shape = shapes.build_shape(name, overrides, batch_size)
   with shape.config.unlocked():
     shape.config.train.mu_dtype = mu_dtype
   return shape
@@ -80,8 +81,8 @@ def run(shapes: str, out_dir: str, dtype: str, remat_policy: str, mu_dtype: str,
         steps: int, peak_tflops: float | None) -> dict:
   demo_name, paper_name, candidates, sample_steps = SHAPE_SETS[shapes]
   results = {"date": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
-             "command": "python -m medim_jax.bench_accelerator " + " ".join(sys.argv[1:]),
-             "machine": bench.machine(), "parts": {}}
+             "command": "python -m medim_jax.bench.accelerator " + " ".join(sys.argv[1:]),
+             "machine": timing.machine(), "parts": {}}
   parts = results["parts"]
   start = time.perf_counter()
 
@@ -89,28 +90,28 @@ def run(shapes: str, out_dir: str, dtype: str, remat_policy: str, mu_dtype: str,
     print(f"{name} ...", flush=True)
     begun = time.perf_counter()
     try:
-      parts[name] = bench.out_of_memory_as_result(name, fn)
+      parts[name] = timing.out_of_memory_as_result(name, fn)
     except Exception as error:  # a kernel the device lacks: a result, the rest still runs
       parts[name] = {"error": f"{type(error).__name__}: {str(error).splitlines()[0][:300]}"}
     parts[name]["seconds"] = round(time.perf_counter() - begun, 1)
     print(f"  {name}: {parts[name]['seconds']} s", flush=True)
 
-  part("peak", lambda: bench.measure_matmul_peak("float32" if bench.on_cpu() else dtype, 10))
-  peak = peak_tflops or bench.known_peak_tflops() or parts["peak"].get("tflops")
+  part("peak", lambda: timing.measure_matmul_peak("float32" if timing.on_cpu() else dtype, 10))
+  peak = peak_tflops or timing.known_peak_tflops() or parts["peak"].get("tflops")
   results["peak_tflops_for_mfu"] = peak
   model = dict(dtype=dtype)
-  part("demo train step", lambda: bench.bench_train(
-      bench.build_shape(demo_name, model), False, rounds, steps, 1, peak))
+  part("demo train step", lambda: timing.bench_train(
+      shapes.build_shape(demo_name, model), False, rounds, steps, 1, peak))
 
   paper = dict(model, remat_policy=remat_policy)
   batch, tried = largest_fitting_batch(paper_name, paper, candidates, device_memory_bytes(), mu_dtype)
   results["paper_batch_search"] = tried
   for impl in ("xla", "jax_dot_product"):
-    part(f"paper train step, attention {impl}", lambda: bench.bench_train(
+    part(f"paper train step, attention {impl}", lambda: timing.bench_train(
         paper_shape(paper_name, dict(paper, attention_impl=impl), batch, mu_dtype), False, rounds,
         steps, 1, peak))
-  part("paper sampler", lambda: bench.bench_sampler(
-      bench.build_shape(paper_name, dict(model, attention_impl="jax_dot_product")), sample_steps,
+  part("paper sampler", lambda: sampler_loop.bench_sampler(
+      shapes.build_shape(paper_name, dict(model, attention_impl="jax_dot_product")), sample_steps,
       2, 2, peak, python_loops=False))
   results["seconds"] = round(time.perf_counter() - start, 1)
 
@@ -154,7 +155,7 @@ def markdown_table(results: dict) -> str:
 
 
 def main(argv=None):
-  parser = argparse.ArgumentParser(prog="python -m medim_jax.bench_accelerator", description=__doc__,
+  parser = argparse.ArgumentParser(prog="python -m medim_jax.bench.accelerator", description=__doc__,
                                    formatter_class=argparse.RawDescriptionHelpFormatter)
   parser.add_argument("--out", required=True, help="folder for bench_accelerator.json / .md")
   parser.add_argument("--shapes", default="gpu", choices=sorted(SHAPE_SETS))
@@ -165,7 +166,7 @@ def main(argv=None):
   parser.add_argument("--steps", type=int, default=5, help="timed steps per round")
   parser.add_argument("--peak_tflops", type=float, default=None)
   args = parser.parse_args(argv)
-  dtype = args.dtype or ("float32" if bench.on_cpu() else "bfloat16")
+  dtype = args.dtype or ("float32" if timing.on_cpu() else "bfloat16")
   return run(args.shapes, args.out, dtype, args.remat_policy, args.mu_dtype, args.rounds,
              args.steps, args.peak_tflops)
 

@@ -7,7 +7,7 @@ as its maximum). Quality on smoke data is the rule score (``all_attributes_accur
 and position all right; deterministic, no extra packages). Each setting is called once to compile
 and once timed.
 
-``python -m medim_jax.sampler_pareto --config configs/smoke.py --workdir W --out pareto.json --plot pareto.png``
+``python -m medim_jax.bench.sampler_pareto --config configs/smoke.py --workdir W --out pareto.json --plot pareto.png``
 """
 
 from __future__ import annotations
@@ -34,11 +34,12 @@ def measure(config, workdir: str, settings=SETTINGS, tasks=TASKS, examples: int 
   (default: the smoke rules, for smoke runs)."""
   import numpy as np
 
-  from medim_jax import progress, sample, train
+  from medim_jax import progress, sample
   from medim_jax.data import build as data_build
   from medim_jax.diffusion import sampler as sampler_lib
-  from medim_jax.evaluation import smoke_scoring
+  from medim_jax.evaluation.demo import smoke_scoring
   from medim_jax.parallel import sharding
+  from medim_jax.training import train
 
   quality = quality or (lambda task, tokens, dataset: smoke_scoring.score(task, tokens, dataset))
   dataset = data_build.build_dataset(config, workdir)

@@ -22,7 +22,7 @@ validation split of a labelled dataset (medim-demo's chest part), each as an AUC
 A model whose image->report findings are no better than guessing while ``tokens`` is high has not
 learned to read the image (not: the tokenizer lost the finding).
 
-``python -m medim_jax.evaluation.reading_probe --config configs/demo.py --workdir WORKDIR [--label_steps 700]``
+``python -m medim_jax.evaluation.demo.reading_probe --config configs/demo.py --workdir WORKDIR [--label_steps 700]``
 """
 
 from __future__ import annotations
@@ -94,7 +94,7 @@ def train_on_labels(trainer, image_tokenizer, inputs, labels, val_inputs, steps:
 
   from medim_jax import progress
   from medim_jax.diffusion import loss as loss_lib
-  from medim_jax.train import make_optimizer
+  from medim_jax.training.optimizer import make_optimizer
   labels = np.asarray(labels, np.float32)
   num_findings = labels.shape[1]
   positive_weight = jnp.asarray(loss_lib.positive_weights(labels, max_positive_weight))
@@ -136,11 +136,13 @@ def probe(config, workdir: str, dataset_name: str = "chest", seed: int = 0,
   """{"tokens", "real images", "model"[, "finding head"][, "transformer on labels"]}: AUC per
   finding on validation, of checkpoint ``step`` (None: the latest). ``classifiers=False`` leaves
   out "tokens" and "real images" (they do not depend on the checkpoint)."""
-  from medim_jax import evaluate, sample, train
+  from medim_jax import evaluate, sample
   from medim_jax.data import build as data_build
   from medim_jax.diffusion import sampler as sampler_lib
-  from medim_jax.evaluation import clinical, ground_truth
+  from medim_jax.evaluation import ground_truth
+  from medim_jax.evaluation.demo import clinical
   from medim_jax.models import transformer
+  from medim_jax.training import train
 
   dataset = data_build.build_dataset(config, workdir)
   trainer = train.Trainer(config, dataset.layout)

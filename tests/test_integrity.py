@@ -8,7 +8,7 @@ import pytest
 
 from medim_jax import errors, evaluate, integrity
 from medim_jax.tokenizers import image, text
-from medim_jax.training import train
+from medim_jax.training import metric_writer
 from tests.test_tokenizers import REPORTS
 
 
@@ -75,7 +75,7 @@ def test_a_log_line_cut_short_by_a_crash_is_left_out_and_the_rest_kept(tmp_path,
   read = integrity.read_jsonl(str(log))
   assert [row for _, row in read] == rows
   assert "metrics.jsonl line 5 is not a JSON object" in capsys.readouterr().out
-  train._drop_rows_after(str(log), 3)  # what resuming from checkpoint 3 does
+  metric_writer._drop_rows_after(str(log), 3)  # what resuming from checkpoint 3 does
   assert [json.loads(line) for line in log.read_text().splitlines()] == rows[:3]
 
 

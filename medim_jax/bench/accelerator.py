@@ -28,7 +28,7 @@ import time
 
 import jax
 
-from medim_jax.bench import sampler_loop, shapes, timing
+from medim_jax.bench import sampler_loop, shapes as shape_lib, timing
 from medim_jax.training import train
 
 SHAPE_SETS = {
@@ -38,7 +38,7 @@ SHAPE_SETS = {
 }
 
 
-def compiled_bytes(shape: shapes.Shape) -> int | None:
+def compiled_bytes(shape: shape_lib.Shape) -> int | None:
   """Per-device memory of the compiled train step (as ``python -m medim_jax.aot`` counts it);
   None where the backend gives no memory analysis."""
   from medim_jax import aot
@@ -70,8 +70,8 @@ def largest_fitting_batch(name: str, overrides: dict, candidates, limit: int | N
   return candidates[-1], tried
 
 
-def paper_shape(name: str, overrides: dict, batch_size: int, mu_dtype: str) -> shapes.Shape:
-  shape = shapes.build_shape(name, overrides, batch_size)
+def paper_shape(name: str, overrides: dict, batch_size: int, mu_dtype: str) -> shape_lib.Shape:
+  shape = shape_lib.build_shape(name, overrides, batch_size)
   with shape.config.unlocked():
     shape.config.train.mu_dtype = mu_dtype
   return shape
@@ -101,7 +101,7 @@ def run(shapes: str, out_dir: str, dtype: str, remat_policy: str, mu_dtype: str,
   results["peak_tflops_for_mfu"] = peak
   model = dict(dtype=dtype)
   part("demo train step", lambda: timing.bench_train(
-      shapes.build_shape(demo_name, model), False, rounds, steps, 1, peak))
+      shape_lib.build_shape(demo_name, model), False, rounds, steps, 1, peak))
 
   paper = dict(model, remat_policy=remat_policy)
   batch, tried = largest_fitting_batch(paper_name, paper, candidates, device_memory_bytes(), mu_dtype)
@@ -111,7 +111,7 @@ def run(shapes: str, out_dir: str, dtype: str, remat_policy: str, mu_dtype: str,
         paper_shape(paper_name, dict(paper, attention_impl=impl), batch, mu_dtype), False, rounds,
         steps, 1, peak))
   part("paper sampler", lambda: sampler_loop.bench_sampler(
-      shapes.build_shape(paper_name, dict(model, attention_impl="jax_dot_product")), sample_steps,
+      shape_lib.build_shape(paper_name, dict(model, attention_impl="jax_dot_product")), sample_steps,
       2, 2, peak, python_loops=False))
   results["seconds"] = round(time.perf_counter() - start, 1)
 

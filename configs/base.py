@@ -34,6 +34,10 @@ def get_config(arg=None):
   config.data.datasets = ml_collections.ConfigDict()
   config.data.val_fraction = 0.05
   config.data.square = "pad"            # pad (black) or crop non-square images to square
+  # DICOM (NAME.dcm) display window "center,width" for every file, e.g. "2048,4096"; "": each
+  # file's own (VOI LUT or Window Center / Width), or its full range when it has none. The manifest
+  # records how every DICOM was displayed (dicom_display).
+  config.data.dicom_window = ""
   config.data.on_bad_pair = "skip"      # skip (and summarise) or error on a bad image/report pair
 
   # Tokenizers used by --mode tokenize; shards record their fingerprints.

@@ -10,6 +10,7 @@ them back to dataset, split and file name (for evaluation against the originals)
 
 from __future__ import annotations
 
+import collections
 import hashlib
 import json
 import os
@@ -78,7 +79,12 @@ def _split_pairs(source: dict, name: str, val_fraction: float) -> tuple[dict, li
 
 def _read(pairs, config, progress=None) -> folders.FolderData:
   return folders.load_pairs(pairs, config.data.image_size, config.data.square,
-                            config.data.on_bad_pair, progress)
+                            config.data.on_bad_pair, progress, _dicom_window(config))
+
+
+def _dicom_window(config):
+  from medim_jax.data import dicom
+  return dicom.parse_window(config.data.get("dicom_window", ""))
 
 
 def make_text_tokenizer(config, train_texts, staging: str):
@@ -128,6 +134,8 @@ def settings(config) -> dict:
   result = {k: data[k] for k in keys}
   result["datasets"] = {n: {k: d.get(k, "") for k in ("train", "val", "test", "prompt")}
                         for n, d in data.datasets.items()}
+  if data.get("dicom_window", ""):  # only when set: shards made before the knob stay valid
+    result["dicom_window"] = data.dicom_window
   if data.name == "medim_demo":
     from medim_jax.data import demo
     result["demo"] = demo.settings(data)
@@ -174,7 +182,7 @@ def tokenize(config, workdir: str, progress: bool = True) -> dict:
                                             image_tok.codebook_size)}
     shards.check_replaceable(out_dir, tokenizers, layout)  # before the long part
 
-    rows, index, truncated = {}, [], 0
+    rows, index, truncated, dicom_display = {}, [], 0, collections.Counter()
     total = sum(len(p) for name in sources for p in split_pairs[name].values())
     bar = progress_bars.bar(total, "tokenize", "pair", progress)
     for dataset_id, (name, source) in enumerate(sources.items()):
@@ -185,6 +193,7 @@ def tokenize(config, workdir: str, progress: bool = True) -> dict:
         for start in range(0, len(pairs), CHUNK):
           chunk = _read(pairs[start:start + CHUNK], config, bar.update)
           skipped += chunk.skipped
+          dicom_display.update(chunk.dicom_display)
           codes = image_tok.encode(chunk.images) if len(chunk) else []
           for pair_name, text, image_codes in zip(chunk.names, chunk.texts, codes):
             ids = prompt_ids + text_tok.tokenize(text)
@@ -213,7 +222,8 @@ def tokenize(config, workdir: str, progress: bool = True) -> dict:
     manifest = shards.write(out_dir, rows, layout, tokenizers, datasets,
                             config.data.records_per_shard, include_files=include,
                             extra={"settings": settings(config), "truncated_reports": int(truncated),
-                                   "skipped": [str(e) for e in skipped]})
+                                   "skipped": [str(e) for e in skipped],
+                                   **({"dicom_display": dict(dicom_display)} if dicom_display else {})})
   print(describe(out_dir, manifest, skipped))
   return manifest
 

@@ -7,7 +7,7 @@ import os
 from medim_jax import sample, train
 from medim_jax.data import build as data_build
 
-SHARD_DATA = ("medim_demo", "folders")
+from medim_jax.data.tokenize import SHARD_SOURCES as SHARD_DATA
 
 
 def run(config, workdir: str, mode: str) -> None:

@@ -120,7 +120,8 @@ def read_image_noting_display(path: str, image_size: int, square: str = "pad",
       image.load()
       image = _to_rgb(ImageOps.exif_transpose(image))
   except (UnidentifiedImageError, OSError, SyntaxError) as e:
-    raise BadPairError(f"{path}: image cannot be read ({type(e).__name__}: {e})",
+    linked = f" (a link to {os.path.realpath(path)})" if os.path.islink(path) else ""
+    raise BadPairError(f"{path}{linked}: image cannot be read ({type(e).__name__}: {e})",
                        "unreadable image") from None
   return square_and_resize(image, image_size, square), None
 

@@ -14,6 +14,7 @@ import collections
 import hashlib
 import json
 import os
+import shutil
 import tempfile
 
 import numpy as np
@@ -24,6 +25,9 @@ from medim_jax.tokenizers import image as image_tokenizers
 from medim_jax.tokenizers import text as text_tokenizers
 
 SPLITS = ("train", "val", "test")
+# The data.name values whose pairs become shards (--mode tokenize): medim-demo, your own paired
+# folders, and MIMIC-CXR-JPG as distributed.
+SHARD_SOURCES = ("medim_demo", "folders", "mimic_cxr")
 CHUNK = 512
 MAX_IMAGES_FOR_CODEBOOK = 2048
 
@@ -33,11 +37,18 @@ def shards_dirs(config, workdir: str) -> list[str]:
   return [os.path.abspath(d.strip()) for d in spec.split(",") if d.strip()]
 
 
-def source_folders(config, progress: bool = True) -> dict[str, dict]:
-  """{dataset: {"prompt", "weight", "train"/"val"/"test": folder or ""}} from the config."""
+def source_folders(config, progress: bool = True, workdir: str | None = None) -> dict[str, dict]:
+  """{dataset: {"prompt", "weight", "train"/"val"/"test": folder or ""}} from the config. MIMIC-CXR
+  (data.name=mimic_cxr) is first converted into paired folders under ``workdir``."""
   data = config.data
   sources = {}
-  if data.name == "medim_demo":
+  if data.name == "mimic_cxr":
+    name = data.mimic_cxr.dataset
+    options = data.datasets.get(name, {})
+    out = mimic_cxr_folders(config, workdir, progress)
+    sources[name] = {"prompt": options.get("prompt", ""), "weight": options.get("weight", 1.0),
+                     **{s: os.path.join(out, s) for s in SPLITS}}
+  elif data.name == "medim_demo":
     from medim_jax.data import demo
     root = demo.build(data, progress=progress)
     for part in demo.settings(data)["parts"]:
@@ -56,9 +67,37 @@ def source_folders(config, progress: bool = True) -> dict[str, dict]:
           "--config.data.datasets.chest.train=/data/mimic-cxr/data with configs/demo.py "
           "(whose datasets are chest and pathology)")
   else:
-    raise ValueError(f"paired image + report folders come from data.name medim_demo or folders; "
+    raise ValueError(f"paired image + report folders come from data.name {', '.join(SHARD_SOURCES)}; "
                      f"config.data.name is {data.name!r}")
   return sources
+
+
+def mimic_cxr_folders(config, workdir: str | None, progress: bool = True) -> str:
+  """MIMIC-CXR-JPG at config.data.mimic_cxr.root -> W/mimic_cxr_folders (data/mimic_cxr.py), made
+  anew each time (links, so it is quick); returns that folder."""
+  from medim_jax.data import mimic_cxr
+  options = config.data.mimic_cxr
+  if not options.root:
+    raise errors.InputError("data.name=mimic_cxr needs the MIMIC-CXR-JPG folder: "
+                            "--config.data.mimic_cxr.root=/path/to/mimic-cxr-jpg/2.1.0")
+  if workdir is None:
+    raise errors.InputError("data.name=mimic_cxr is converted into the work directory: run "
+                            "--mode tokenize (or all) with --workdir")
+  out = os.path.join(os.path.abspath(workdir), "mimic_cxr_folders")
+  shutil.rmtree(out, ignore_errors=True)
+  summary = mimic_cxr.convert(
+      options.root, options.reports_root or options.root, out, options.section,
+      tuple(v.strip() for v in options.views.split(",") if v.strip()), not options.all_images,
+      options.uncertain, progress=progress)
+  print(f"MIMIC-CXR {options.root} -> {out}: {summary}")
+  if summary.missing and config.data.on_bad_pair == "error":
+    raise errors.InputError(f"{summary.missing[0]}: listed in mimic-cxr-2.0.0-metadata.csv but not "
+                            "on disk (an incomplete download?); fetch it, or set "
+                            "data.on_bad_pair=skip to go on without it")
+  if not summary.written.get("train"):
+    raise errors.InputError(f"{options.root}: no training study was usable ({summary}); check "
+                            "data.mimic_cxr.root, .reports_root, .views and .section")
+  return out
 
 
 def _split_pairs(source: dict, name: str, val_fraction: float) -> tuple[dict, list]:
@@ -139,6 +178,8 @@ def settings(config) -> dict:
   if data.name == "medim_demo":
     from medim_jax.data import demo
     result["demo"] = demo.settings(data)
+  if data.name == "mimic_cxr":
+    result["mimic_cxr"] = data.mimic_cxr.to_dict()
   return json.loads(json.dumps(result))
 
 
@@ -146,7 +187,7 @@ def tokenize(config, workdir: str, progress: bool = True) -> dict:
   """Write the shards of every configured dataset; returns the manifest."""
   out_dir = shards_dirs(config, workdir)[0]
   shards.check_replaceable(out_dir)
-  sources = source_folders(config, progress)
+  sources = source_folders(config, progress, workdir)
   split_pairs, skipped = {}, []
   for name, source in sources.items():
     split_pairs[name], missing = _split_pairs(source, name, config.data.val_fraction)

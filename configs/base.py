@@ -34,6 +34,19 @@ def get_config(arg=None):
   config.data.datasets = ml_collections.ConfigDict()
   config.data.val_fraction = 0.05
   config.data.square = "pad"            # pad (black) or crop non-square images to square
+  # DICOM (NAME.dcm) display window "center,width" for every file, e.g. "2048,4096"; "": each
+  # file's own (VOI LUT or Window Center / Width), or its full range when it has none. The manifest
+  # records how every DICOM was displayed (dicom_display).
+  config.data.dicom_window = ""
+  # data.name="mimic_cxr": MIMIC-CXR-JPG as PhysioNet ships it (files/pXX/... and the
+  # mimic-cxr-2.0.0-*.csv.gz tables under root; the reports' files/pXX/.../sYYY.txt under
+  # reports_root, default root), converted into W/mimic_cxr_folders by data/mimic_cxr.py and then
+  # tokenized as config.data.datasets[dataset] (its prompt and weight).
+  config.data.mimic_cxr = ml_collections.ConfigDict(dict(
+      root="", reports_root="", section="findings",  # findings | impression | both
+      views="PA,AP", all_images=False,              # frontal views; one image per study
+      uncertain="negative",                          # CheXpert -1 labels read as negative | positive
+      dataset="chest"))
   config.data.on_bad_pair = "skip"      # skip (and summarise) or error on a bad image/report pair
 
   # Tokenizers used by --mode tokenize; shards record their fingerprints.

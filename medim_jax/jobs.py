@@ -8,7 +8,7 @@ from medim_jax import sample
 from medim_jax.data import build as data_build
 from medim_jax.training import train
 
-SHARD_DATA = ("medim_demo", "folders")
+from medim_jax.data.tokenize import SHARD_SOURCES as SHARD_DATA
 
 
 def run(config, workdir: str, mode: str) -> None:

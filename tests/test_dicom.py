@@ -80,3 +80,46 @@ def test_a_missing_pydicom_is_one_clear_error(monkeypatch, tmp_path):
       (_ for _ in ()).throw(ImportError(name)) if name == "pydicom" else real_import(name, *a, **k)))
   with pytest.raises(errors.InputError, match="pip install 'medim_jax\\[dicom\\]'"):
     dicom.read(str(tmp_path / "x.dcm"))
+
+
+def test_a_config_window_replaces_each_file_s_and_the_manifest_records_every_dicom_display(tmp_path):
+  import json
+  from test_shards_and_pipeline import folders_config, make_folder
+
+  from medim_jax.data import tokenize
+  for name, count, seed in (("a_train", 60, 0), ("a_test", 10, 1), ("b_train", 40, 2), ("b_val", 10, 3)):
+    make_folder(tmp_path / name, count, seed)
+  stored = np.arange(64).reshape(8, 8) * 10
+  write_radiograph(tmp_path / "a_train" / "film1.dcm", stored, "MONOCHROME1", window=(200, 400))
+  write_radiograph(tmp_path / "a_train" / "film2.dcm", stored)
+  for name in ("film1", "film2"):
+    (tmp_path / "a_train" / f"{name}.txt").write_text("upper left finding. clear.")
+
+  data = folders.load(str(tmp_path / "a_train"), 16, dicom_window=(100.0, 200.0))
+  assert data.dicom_display == {"config window C=100 W=200, MONOCHROME1 inverted": 1,
+                                "config window C=100 W=200": 1}
+  film2 = data.images[data.names.index("film2")]
+  expected = folders.square_and_resize(PIL_rgb(dicom.read(str(tmp_path / "a_train" / "film2.dcm"),
+                                                          window=(100.0, 200.0))[0]), 16)
+  np.testing.assert_array_equal(film2, expected)
+
+  manifests = {}
+  for window, directory in (("", "own_windows"), ("100,200", "config_window")):
+    config = folders_config(tmp_path, str(tmp_path / directory))
+    config.data.dicom_window = window
+    tokenize.tokenize(config, "unused", progress=False)
+    manifests[window] = json.loads((tmp_path / directory / "manifest.json").read_text())
+  assert manifests[""]["dicom_display"] == {"file window C=200 W=400, MONOCHROME1 inverted": 1,
+                                            "full range (the file has no window)": 1}
+  assert "dicom_window" not in manifests[""]["settings"]
+  assert manifests["100,200"]["settings"]["dicom_window"] == "100,200"
+  assert sum(manifests["100,200"]["dicom_display"].values()) == 2
+
+  for bad, message in (("bright", "expected 'center,width'"), ("40,0", "width must be positive")):
+    with pytest.raises(errors.InputError, match=message):
+      dicom.parse_window(bad)
+
+
+def PIL_rgb(pixels):
+  from PIL import Image
+  return Image.fromarray(pixels).convert("RGB")

@@ -14,8 +14,9 @@ def build_dataset(config, workdir: str | None = None):
   if config.data.name == "smoke":
     from medim_jax.data import smoke
     return smoke.build(config)
-  if config.data.name in ("medim_demo", "folders"):
-    from medim_jax.data import pipeline, tokenize
+  from medim_jax.data import tokenize
+  if config.data.name in tokenize.SHARD_SOURCES:
+    from medim_jax.data import pipeline
     directories = tokenize.shards_dirs(config, workdir or ".")
     if config.data.verify_shards:
       from medim_jax.data import shards
@@ -35,5 +36,5 @@ def build_dataset(config, workdir: str | None = None):
           f"({', '.join('data.' + k for k in changed)}): use the settings they were made "
           "with, or tokenize into a new data.shards_dir (or delete the old shards)")
     return dataset
-  raise errors.InputError(f"unknown config.data.name {config.data.name!r}: expected smoke, "
-                          "medim_demo or folders")
+  raise errors.InputError(f"unknown config.data.name {config.data.name!r}: expected smoke or one "
+                          f"of {', '.join(tokenize.SHARD_SOURCES)}")

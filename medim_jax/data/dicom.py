@@ -68,6 +68,20 @@ def read(path: str, window: tuple[float, float] | None = None) -> tuple[np.ndarr
   return (scaled * 255).round().astype(np.uint8), {"window": how, "inverted": inverted}
 
 
+def parse_window(text: str, where: str = "config.data.dicom_window") -> tuple[float, float] | None:
+  """"center,width" (e.g. "40,400") -> (40.0, 400.0); "" -> None (each file's own window)."""
+  if not str(text).strip():
+    return None
+  try:
+    center, width = (float(part) for part in str(text).split(","))
+  except ValueError:
+    raise errors.InputError(f"{where}={text!r}: expected 'center,width' (e.g. '2048,4096'), or '' "
+                            "for each file's own window") from None
+  if width <= 0:
+    raise errors.InputError(f"{where}={text!r}: the window width must be positive")
+  return center, width
+
+
 def _first(value) -> float:
   """The first of a multi-valued DICOM element (Window Center may hold several windows)."""
   from pydicom.multival import MultiValue

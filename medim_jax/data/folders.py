@@ -35,6 +35,8 @@ class FolderData:
   images: np.ndarray             # (N, S, S, 3) uint8
   texts: list[str]
   skipped: list[BadPairError]    # one per skipped pair, each naming its file and problem
+  # DICOM images read, by how their values became grey levels (e.g. "file window C=.. W=..").
+  dicom_display: dict[str, int] = dataclasses.field(default_factory=dict)
 
   def __len__(self) -> int:
     return len(self.names)
@@ -94,23 +96,34 @@ def _to_rgb(image: Image.Image) -> Image.Image:
   return image.convert("RGB")
 
 
-def read_image(path: str, image_size: int, square: str = "pad") -> np.ndarray:
+def read_image(path: str, image_size: int, square: str = "pad",
+               dicom_window: tuple[float, float] | None = None) -> np.ndarray:
   """(S, S, 3) uint8: padded (black) or centre-cropped to square, then resized."""
+  return read_image_noting_display(path, image_size, square, dicom_window)[0]
+
+
+def read_image_noting_display(path: str, image_size: int, square: str = "pad",
+                              dicom_window: tuple[float, float] | None = None):
+  """``read_image`` and, for a DICOM, how its values became grey levels (data/dicom.py: which
+  window, MONOCHROME1 inverted or not); None for other images. ``dicom_window`` (center, width)
+  replaces every DICOM's own window."""
   if path.lower().endswith(".dcm"):
     from medim_jax.data import dicom
     try:
-      pixels, _ = dicom.read(path)
+      pixels, how = dicom.read(path, window=dicom_window)
     except errors.InputError as e:
       raise BadPairError(str(e), "unreadable image") from None
-    return square_and_resize(Image.fromarray(pixels).convert("RGB"), image_size, square)
+    display = how["window"] + (", MONOCHROME1 inverted" if how["inverted"] else "")
+    return square_and_resize(Image.fromarray(pixels).convert("RGB"), image_size, square), display
   try:
     with Image.open(path) as image:
       image.load()
       image = _to_rgb(ImageOps.exif_transpose(image))
   except (UnidentifiedImageError, OSError, SyntaxError) as e:
-    raise BadPairError(f"{path}: image cannot be read ({type(e).__name__}: {e})",
+    linked = f" (a link to {os.path.realpath(path)})" if os.path.islink(path) else ""
+    raise BadPairError(f"{path}{linked}: image cannot be read ({type(e).__name__}: {e})",
                        "unreadable image") from None
-  return square_and_resize(image, image_size, square)
+  return square_and_resize(image, image_size, square), None
 
 
 def square_and_resize(image: Image.Image, image_size: int, square: str = "pad") -> np.ndarray:
@@ -126,14 +139,14 @@ def square_and_resize(image: Image.Image, image_size: int, square: str = "pad") 
 
 
 def load(folder: str, image_size: int, square: str = "pad", on_bad_pair: str = "skip",
-         progress=None) -> FolderData:
+         progress=None, dicom_window: tuple[float, float] | None = None) -> FolderData:
   """Every usable pair of ``folder``; see the module doc for what happens to bad ones."""
   if on_bad_pair not in ("skip", "error"):
     raise ValueError(f"on_bad_pair must be 'skip' or 'error', got {on_bad_pair!r}")
   pairs, skipped = scan(folder)
   if skipped and on_bad_pair == "error":
     raise skipped[0]
-  data = load_pairs(pairs, image_size, square, on_bad_pair, progress)
+  data = load_pairs(pairs, image_size, square, on_bad_pair, progress, dicom_window)
   data.folder, data.skipped = folder, skipped + data.skipped
   if not data.names:
     detail = f"; first problem: {data.skipped[0]}" if data.skipped else ""
@@ -143,14 +156,17 @@ def load(folder: str, image_size: int, square: str = "pad", on_bad_pair: str = "
 
 
 def load_pairs(pairs, image_size: int, square: str = "pad", on_bad_pair: str = "skip",
-               progress=None) -> FolderData:
+               progress=None, dicom_window: tuple[float, float] | None = None) -> FolderData:
   """Read (name, image path, text path) pairs; bad ones are skipped or raised (see ``load``)."""
-  names, images, texts, skipped = [], [], [], []
+  names, images, texts, skipped, displays = [], [], [], [], collections.Counter()
   for name, image_path, text_path in pairs:
     try:
       texts.append(read_text(text_path))
-      images.append(read_image(image_path, image_size, square))
+      image, display = read_image_noting_display(image_path, image_size, square, dicom_window)
+      images.append(image)
       names.append(name)
+      if display:
+        displays[display] += 1
     except BadPairError as e:
       if on_bad_pair == "error":
         raise
@@ -159,4 +175,4 @@ def load_pairs(pairs, image_size: int, square: str = "pad", on_bad_pair: str = "
     if progress:
       progress(1)
   stacked = np.stack(images) if images else np.zeros((0, image_size, image_size, 3), np.uint8)
-  return FolderData("", names, stacked, texts, skipped)
+  return FolderData("", names, stacked, texts, skipped, dict(displays))

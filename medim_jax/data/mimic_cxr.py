@@ -70,19 +70,22 @@ def read_csv(path: str) -> list[dict]:
       opener = gzip.open if candidate.endswith(".gz") else open
       with opener(candidate, "rt", newline="") as f:
         return list(csv.DictReader(f))
-  raise errors.InputError(f"{path}(.gz) is missing: --jpg_root must be the MIMIC-CXR-JPG folder "
-                          "holding files/ and the mimic-cxr-2.0.0-*.csv.gz tables")
+  raise errors.InputError(f"{path}(.gz) is missing: the MIMIC-CXR-JPG folder (--jpg_root, or "
+                          "config.data.mimic_cxr.root) must hold files/ and the "
+                          "mimic-cxr-2.0.0-*.csv.gz tables as PhysioNet ships them")
 
 
 @dataclasses.dataclass
 class Summary:
   written: collections.Counter = dataclasses.field(default_factory=collections.Counter)
   skipped: collections.Counter = dataclasses.field(default_factory=collections.Counter)
+  missing: list = dataclasses.field(default_factory=list)  # images the metadata lists, not on disk
 
   def __str__(self) -> str:
     lines = ", ".join(f"{split} {n}" for split, n in sorted(self.written.items()))
     skipped = ", ".join(f"{n} {why}" for why, n in self.skipped.most_common()) or "none"
-    return f"studies written: {lines or 'none'}; skipped: {skipped}"
+    first = f" (first missing: {self.missing[0]})" if self.missing else ""
+    return f"studies written: {lines or 'none'}; skipped: {skipped}{first}"
 
 
 def convert(jpg_root: str, reports_root: str, out: str, section: str = "findings",
@@ -115,6 +118,14 @@ def convert(jpg_root: str, reports_root: str, out: str, section: str = "findings
         summary.skipped[f"view not in {','.join(views)}"] += 1
         continue
       images[(subject, study)].append((views.index(view), dicom, os.path.join(base, name)))
+
+  found_ids = {dicom for entries in images.values() for _, dicom, _ in entries}
+  for row in read_csv(prefix + "metadata.csv"):
+    if row.get("ViewPosition", "") in views and row["dicom_id"] not in found_ids:
+      subject, study = "p" + row["subject_id"], "s" + row["study_id"]
+      summary.missing.append(os.path.join(files, subject[:3], subject, study, row["dicom_id"] + ".jpg"))
+  if summary.missing:
+    summary.skipped["listed in the metadata, not on disk"] += len(summary.missing)
 
   rows_by_split = collections.defaultdict(list)
   bar = progress_bars.bar(len(images), "MIMIC-CXR studies", "study", progress)

@@ -10,9 +10,11 @@ them back to dataset, split and file name (for evaluation against the originals)
 
 from __future__ import annotations
 
+import collections
 import hashlib
 import json
 import os
+import shutil
 import tempfile
 
 import numpy as np
@@ -22,6 +24,9 @@ from medim_jax.data import folders, shards
 from medim_jax.tokenizers import image as image_tokenizers, text as text_tokenizers
 
 SPLITS = ("train", "val", "test")
+# The data.name values whose pairs become shards (--mode tokenize): medim-demo, your own paired
+# folders, and MIMIC-CXR-JPG as distributed.
+SHARD_SOURCES = ("medim_demo", "folders", "mimic_cxr")
 CHUNK = 512
 MAX_IMAGES_FOR_CODEBOOK = 2048
 
@@ -31,11 +36,18 @@ def shards_dirs(config, workdir: str) -> list[str]:
   return [os.path.abspath(d.strip()) for d in spec.split(",") if d.strip()]
 
 
-def source_folders(config, progress: bool = True) -> dict[str, dict]:
-  """{dataset: {"prompt", "weight", "train"/"val"/"test": folder or ""}} from the config."""
+def source_folders(config, progress: bool = True, workdir: str | None = None) -> dict[str, dict]:
+  """{dataset: {"prompt", "weight", "train"/"val"/"test": folder or ""}} from the config. MIMIC-CXR
+  (data.name=mimic_cxr) is first converted into paired folders under ``workdir``."""
   data = config.data
   sources = {}
-  if data.name == "medim_demo":
+  if data.name == "mimic_cxr":
+    name = data.mimic_cxr.dataset
+    options = data.datasets.get(name, {})
+    out = mimic_cxr_folders(config, workdir, progress)
+    sources[name] = {"prompt": options.get("prompt", ""), "weight": options.get("weight", 1.0),
+                     **{s: os.path.join(out, s) for s in SPLITS}}
+  elif data.name == "medim_demo":
     from medim_jax.data import demo
     root = demo.build(data, progress=progress)
     for part in demo.settings(data)["parts"]:
@@ -54,9 +66,37 @@ def source_folders(config, progress: bool = True) -> dict[str, dict]:
           "--config.data.datasets.chest.train=/data/mimic-cxr/data with configs/demo.py "
           "(whose datasets are chest and pathology)")
   else:
-    raise ValueError(f"paired image + report folders come from data.name medim_demo or folders; "
+    raise ValueError(f"paired image + report folders come from data.name {', '.join(SHARD_SOURCES)}; "
                      f"config.data.name is {data.name!r}")
   return sources
+
+
+def mimic_cxr_folders(config, workdir: str | None, progress: bool = True) -> str:
+  """MIMIC-CXR-JPG at config.data.mimic_cxr.root -> W/mimic_cxr_folders (data/mimic_cxr.py), made
+  anew each time (links, so it is quick); returns that folder."""
+  from medim_jax.data import mimic_cxr
+  options = config.data.mimic_cxr
+  if not options.root:
+    raise errors.InputError("data.name=mimic_cxr needs the MIMIC-CXR-JPG folder: "
+                            "--config.data.mimic_cxr.root=/path/to/mimic-cxr-jpg/2.1.0")
+  if workdir is None:
+    raise errors.InputError("data.name=mimic_cxr is converted into the work directory: run "
+                            "--mode tokenize (or all) with --workdir")
+  out = os.path.join(os.path.abspath(workdir), "mimic_cxr_folders")
+  shutil.rmtree(out, ignore_errors=True)
+  summary = mimic_cxr.convert(
+      options.root, options.reports_root or options.root, out, options.section,
+      tuple(v.strip() for v in options.views.split(",") if v.strip()), not options.all_images,
+      options.uncertain, progress=progress)
+  print(f"MIMIC-CXR {options.root} -> {out}: {summary}")
+  if summary.missing and config.data.on_bad_pair == "error":
+    raise errors.InputError(f"{summary.missing[0]}: listed in mimic-cxr-2.0.0-metadata.csv but not "
+                            "on disk (an incomplete download?); fetch it, or set "
+                            "data.on_bad_pair=skip to go on without it")
+  if not summary.written.get("train"):
+    raise errors.InputError(f"{options.root}: no training study was usable ({summary}); check "
+                            "data.mimic_cxr.root, .reports_root, .views and .section")
+  return out
 
 
 def _split_pairs(source: dict, name: str, val_fraction: float) -> tuple[dict, list]:
@@ -77,7 +117,12 @@ def _split_pairs(source: dict, name: str, val_fraction: float) -> tuple[dict, li
 
 def _read(pairs, config, progress=None) -> folders.FolderData:
   return folders.load_pairs(pairs, config.data.image_size, config.data.square,
-                            config.data.on_bad_pair, progress)
+                            config.data.on_bad_pair, progress, _dicom_window(config))
+
+
+def _dicom_window(config):
+  from medim_jax.data import dicom
+  return dicom.parse_window(config.data.get("dicom_window", ""))
 
 
 def make_text_tokenizer(config, train_texts, staging: str):
@@ -127,9 +172,13 @@ def settings(config) -> dict:
   result = {k: data[k] for k in keys}
   result["datasets"] = {n: {k: d.get(k, "") for k in ("train", "val", "test", "prompt")}
                         for n, d in data.datasets.items()}
+  if data.get("dicom_window", ""):  # only when set: shards made before the knob stay valid
+    result["dicom_window"] = data.dicom_window
   if data.name == "medim_demo":
     from medim_jax.data import demo
     result["demo"] = demo.settings(data)
+  if data.name == "mimic_cxr":
+    result["mimic_cxr"] = data.mimic_cxr.to_dict()
   return json.loads(json.dumps(result))
 
 
@@ -137,7 +186,7 @@ def tokenize(config, workdir: str, progress: bool = True) -> dict:
   """Write the shards of every configured dataset; returns the manifest."""
   out_dir = shards_dirs(config, workdir)[0]
   shards.check_replaceable(out_dir)
-  sources = source_folders(config, progress)
+  sources = source_folders(config, progress, workdir)
   split_pairs, skipped = {}, []
   for name, source in sources.items():
     split_pairs[name], missing = _split_pairs(source, name, config.data.val_fraction)
@@ -173,7 +222,7 @@ def tokenize(config, workdir: str, progress: bool = True) -> dict:
                                             image_tok.codebook_size)}
     shards.check_replaceable(out_dir, tokenizers, layout)  # before the long part
 
-    rows, index, truncated = {}, [], 0
+    rows, index, truncated, dicom_display = {}, [], 0, collections.Counter()
     total = sum(len(p) for name in sources for p in split_pairs[name].values())
     bar = progress_bars.bar(total, "tokenize", "pair", progress)
     for dataset_id, (name, source) in enumerate(sources.items()):
@@ -184,6 +233,7 @@ def tokenize(config, workdir: str, progress: bool = True) -> dict:
         for start in range(0, len(pairs), CHUNK):
           chunk = _read(pairs[start:start + CHUNK], config, bar.update)
           skipped += chunk.skipped
+          dicom_display.update(chunk.dicom_display)
           codes = image_tok.encode(chunk.images) if len(chunk) else []
           for pair_name, text, image_codes in zip(chunk.names, chunk.texts, codes):
             ids = prompt_ids + text_tok.tokenize(text)
@@ -212,7 +262,8 @@ def tokenize(config, workdir: str, progress: bool = True) -> dict:
     manifest = shards.write(out_dir, rows, layout, tokenizers, datasets,
                             config.data.records_per_shard, include_files=include,
                             extra={"settings": settings(config), "truncated_reports": int(truncated),
-                                   "skipped": [str(e) for e in skipped]})
+                                   "skipped": [str(e) for e in skipped],
+                                   **({"dicom_display": dict(dicom_display)} if dicom_display else {})})
   print(describe(out_dir, manifest, skipped))
   return manifest
 

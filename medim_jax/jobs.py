@@ -6,9 +6,8 @@ import os
 
 from medim_jax import sample
 from medim_jax.data import build as data_build
-from medim_jax.training import train
-
 from medim_jax.data.tokenize import SHARD_SOURCES as SHARD_DATA
+from medim_jax.training import train
 
 
 def run(config, workdir: str, mode: str) -> None:

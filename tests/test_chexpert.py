@@ -67,3 +67,20 @@ def test_label_matrix_marks_unmentioned_observations_nan():
   assert matrix.shape == (2, 14)
   assert matrix[1, chexpert.OBSERVATIONS.index("Cardiomegaly")] == 1
   assert np.isnan(matrix[1, chexpert.OBSERVATIONS.index("Fracture")])
+
+
+def test_agreement_with_the_demo_labels_counts_each_finding_and_reads_uncertain_both_ways():
+  from medim_jax.evaluation.demo import chexpert_agreement, clinical
+  reports = ["the heart is enlarged.", "no pleural effusion.", "possible pneumothorax.",
+             "a nodule in the left lung.", "normal chest."]
+  labels = np.zeros((5, len(clinical.FINDINGS)), bool)
+  for row, finding in ((0, "cardiomegaly"), (2, "pneumothorax"), (3, "nodule"), (4, "opacity")):
+    labels[row, clinical.FINDINGS.index(finding)] = True
+  np.testing.assert_array_equal(chexpert_agreement.labeler_findings(reports, "negative"),
+                                [[1, 0, 0, 0, 0], [0, 0, 0, 0, 0], [0, 0, 0, 0, 0],
+                                 [0, 0, 0, 1, 0], [0, 0, 0, 0, 0]])
+  tables = chexpert_agreement.agreement_tables(reports, labels)
+  strict = tables["labeler (uncertain negative) vs demo labels"]
+  assert strict["cardiomegaly"]["f1"] == 1.0 and strict["pneumothorax"]["recall"] == 0.0
+  assert strict["opacity"]["support"] == 1 and strict["opacity"]["predicted"] == 0
+  assert tables["labeler (uncertain positive) vs demo labels"]["pneumothorax"]["f1"] == 1.0

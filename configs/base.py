@@ -235,6 +235,7 @@ def get_config(arg=None):
   # > 1: draw that many samples per row and keep the one the model finds most likely given the
   # condition (diffusion/rerank.py); N times the sampling cost. 1: the sampler's draw as it is.
   config.sample.rerank_candidates = 1
+  config.sample.rerank_tasks = "image_to_report,report_to_image,joint"  # the tasks it applies to
   config.sample.tasks = "report_to_image,image_to_report,joint"
   config.sample.num_examples = 64       # per task, from the eval split
   config.sample.batch_size = 64

@@ -86,6 +86,8 @@ def generate_task(config, trainer: train.Trainer, params, layout, split: data_ba
   count = int(config.sample.get("rerank_candidates", 1))
   if count < 1:
     raise errors.InputError(f"config.sample.rerank_candidates must be >= 1, got {count}")
+  if task not in [t.strip() for t in config.sample.get("rerank_tasks", task).split(",")]:
+    count = 1
   candidates = [sample_in_batches(
       sampler, params, trainer.mesh, inputs, split.example_id, config.sample.batch_size,
       config.sample.seed + c, sampler.steps_for_task(task),

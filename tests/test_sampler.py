@@ -317,5 +317,7 @@ def test_generate_task_with_rerank_keeps_for_each_row_its_most_likely_candidate(
                                         dataset.layout, inputs, single, batch_size=4)
   np.testing.assert_array_equal(chosen, single[np.argmax(scores, axis=0), np.arange(6)])
   assert not np.array_equal(single[0], single[1])  # the candidates differ
+  # A task outside sample.rerank_tasks takes the sampler's draw as it is.
+  np.testing.assert_array_equal(generate(rerank_candidates=3, rerank_tasks="report_to_image"), single[0])
   with pytest.raises(errors.InputError, match="rerank_candidates"):
     generate(rerank_candidates=0)

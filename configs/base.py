@@ -212,6 +212,11 @@ def get_config(arg=None):
   config.eval.inception_weights = ""    # local .npz of FID InceptionV3 weights; "" = FID/IS unavailable
   config.eval.classifier_steps = 600    # the finding classifier (datasets with labels.jsonl)
   config.eval.export_synthetic = "consistent"  # joint pairs as NAME.png + NAME.txt: "" | all | consistent
+  # CheXbert's weights (chexbert.pth, or its tensors as .npz / .safetensors) and a folder with
+  # bert-base-uncased's vocab.txt, both local: --mode eval then adds chexpert14_chexbert beside the
+  # rule-based CheXpert-14 metrics (evaluation/chexbert.py). "": not used.
+  config.eval.chexbert_checkpoint = ""
+  config.eval.chexbert_tokenizer = ""
   config.eval.report_metrics = True     # BLEU/METEOR/ROUGE/CIDEr (needs the eval extra; java for COCO)
 
   config.sample = ml_collections.ConfigDict()

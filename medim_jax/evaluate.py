@@ -202,6 +202,12 @@ def evaluate_dataset(config, name, manifest, index, split, generated, image_toke
     _, retrieved = clinical.retrieval_baseline(feats["real"], feats["train"], training.reports)
     result["chexpert14_rule_based"] = chexpert_efficacy(
         originals.reports, generated["image_to_report"]["reports"], retrieved)
+    if config.eval.get("chexbert_checkpoint"):
+      from medim_jax.evaluation import chexbert
+      labeler = chexbert.CheXbert(config.eval.chexbert_checkpoint, config.eval.chexbert_tokenizer)
+      result["chexpert14_chexbert"] = chexpert_efficacy(
+          originals.reports, generated["image_to_report"]["reports"], retrieved,
+          labeler.label_matrix, f"CheXbert from {config.eval.chexbert_checkpoint}")
 
   result["image_metrics"] = {"features": description}
   for task in image_tasks:
@@ -321,16 +327,18 @@ def chance_f1(train_labels, true, findings) -> dict:
   return table
 
 
-def chexpert_efficacy(real_reports, generated_reports, retrieved_reports) -> dict:
-  """Clinical efficacy over the 14 CheXpert observations, both reports labelled by the rules,
-  uncertain counted negative and positive; the retrieval baseline (the report of the nearest
-  training image) scored the same way."""
+def chexpert_efficacy(real_reports, generated_reports, retrieved_reports, label_matrix=None,
+                      labeler: str = "rule-based CheXpert-14 (medim_jax.evaluation.chexpert), not "
+                                     "the CheXpert labeler itself") -> dict:
+  """Clinical efficacy over the 14 CheXpert observations, both reports labelled by ``label_matrix``
+  (default: the rules), uncertain counted negative and positive; the retrieval baseline (the
+  report of the nearest training image) scored the same way."""
   from medim_jax.evaluation import chexpert
-  reference = chexpert.label_matrix(real_reports)
-  scored = {"MeDiM": chexpert.label_matrix(generated_reports),
-            "retrieval baseline": chexpert.label_matrix(retrieved_reports)}
-  return {"labeler": "rule-based CheXpert-14 (medim_jax.evaluation.chexpert), not the CheXpert "
-                     "labeler itself",
+  label_matrix = label_matrix or chexpert.label_matrix
+  reference = label_matrix(real_reports)
+  scored = {"MeDiM": label_matrix(generated_reports),
+            "retrieval baseline": label_matrix(retrieved_reports)}
+  return {"labeler": labeler,
           **{f"uncertain as {u}": {name: chexpert.ce_metrics(labels, reference, u)
                                    for name, labels in scored.items()}
              for u in ("negative", "positive")}}

@@ -208,6 +208,11 @@ def evaluate_dataset(config, name, manifest, index, split, generated, image_toke
       result["chexpert14_chexbert"] = chexpert_efficacy(
           originals.reports, generated["image_to_report"]["reports"], retrieved,
           labeler.label_matrix, f"CheXbert from {config.eval.chexbert_checkpoint}")
+    for key in ("chexpert14_rule_based", "chexpert14_chexbert"):
+      if key in result:
+        scores = result[key]["uncertain as negative"]
+        print(f"  {key}, image->report, micro / macro F1 (uncertain as negative): " + "; ".join(
+            f"{name} {s['micro']['f1']:.3f} / {s['macro']['f1']:.3f}" for name, s in scores.items()))
 
   result["image_metrics"] = {"features": description}
   for task in image_tasks:

@@ -104,6 +104,8 @@ def test_main_job_runs_every_stage_on_folders_then_reuses_them(tmp_path):
   real = [p.read_text() for p in sorted((tmp_path / "xray_test").glob("*.txt"))[:4]]
   assert ce["MeDiM"]["Pleural Effusion"]["support"] == sum(
       chexpert.label_report(r)["Pleural Effusion"] == 1 for r in real) > 0
+  assert (f"chexpert14_rule_based, image->report, micro / macro F1 (uncertain as negative): MeDiM "
+          f"{ce['MeDiM']['micro']['f1']:.3f} / {ce['MeDiM']['macro']['f1']:.3f}") in result.stdout
   assert chest["image_metrics"]["joint"]["frechet_distance_tokenizer_encoder_features"] >= 0
   assert len(chest["clinical"]["joint_consistency"]["per_pair"]) == 4
   page = (workdir / "report.html").read_text()

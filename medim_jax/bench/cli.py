@@ -9,7 +9,6 @@ import os
 import sys
 
 import jax
-import jax.extend
 
 from medim_jax.bench.sampler_loop import bench_sampler
 from medim_jax.bench.shapes import build_shape

@@ -6,7 +6,6 @@ import dataclasses
 import time
 
 import jax
-import jax.extend
 import jax.numpy as jnp
 import numpy as np
 

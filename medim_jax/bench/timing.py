@@ -9,7 +9,6 @@ import statistics
 import time
 
 import jax
-import jax.extend
 import jax.numpy as jnp
 
 from medim_jax.bench.shapes import Shape, forward_flops

@@ -99,7 +99,7 @@ def test_a_config_window_replaces_each_file_s_and_the_manifest_records_every_dic
   assert data.dicom_display == {"config window C=100 W=200, MONOCHROME1 inverted": 1,
                                 "config window C=100 W=200": 1}
   film2 = data.images[data.names.index("film2")]
-  expected = folders.square_and_resize(PIL_rgb(dicom.read(str(tmp_path / "a_train" / "film2.dcm"),
+  expected = folders.square_and_resize(as_rgb_image(dicom.read(str(tmp_path / "a_train" / "film2.dcm"),
                                                           window=(100.0, 200.0))[0]), 16)
   np.testing.assert_array_equal(film2, expected)
 
@@ -120,6 +120,6 @@ def test_a_config_window_replaces_each_file_s_and_the_manifest_records_every_dic
       dicom.parse_window(bad)
 
 
-def PIL_rgb(pixels):
+def as_rgb_image(pixels):
   from PIL import Image
   return Image.fromarray(pixels).convert("RGB")

@@ -14,6 +14,8 @@ import threading
 
 import jax
 
+from medim_jax import errors
+
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
 
 
@@ -31,6 +33,13 @@ class StopRequests:
   @property
   def signal_name(self) -> str:
     return signal.Signals(self.signal_number).name if self.requested else ""
+
+  def preempted(self, step: int, checkpointer) -> errors.Preempted:
+    """What a loop raises once it saved ``step`` for this request: the save is waited for first, so
+    the checkpoint the error names is on disk."""
+    checkpointer.wait()
+    return errors.Preempted(self.signal_name or "preemption notice", self.signal_number or 0, step,
+                            checkpointer.directory)
 
   def __enter__(self) -> "StopRequests":
     # Handlers can only be set from the main thread, and multi-host runs rely on the distributed

@@ -336,9 +336,7 @@ def train_and_evaluate(config, workdir: str, dataset: data_base.PairedDataset | 
         if is_save or (stopping and checkpointer.latest_step() != step):
           checkpointer.save(step, state, data_iter)
         if stopping and not last:
-          checkpointer.wait()
-          raise errors.Preempted(stop_requests.signal_name or "preemption notice",
-                                 stop_requests.signal_number or 0, step, checkpointer.directory)
+          raise stop_requests.preempted(step, checkpointer)
   finally:
     bar.close()
     checkpointer.close()

@@ -329,9 +329,7 @@ def train_vq(config, workdir: str, progress_bars: bool = True) -> dict:
         if is_save or stopping:
           checkpointer.save(step, state)
         if stopping and not last:
-          checkpointer.wait()
-          raise errors.Preempted(stop_requests.signal_name or "preemption notice",
-                                 stop_requests.signal_number or 0, step, checkpointer.directory)
+          raise stop_requests.preempted(step, checkpointer)
   finally:
     bar.close()
     checkpointer.close()

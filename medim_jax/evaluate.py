@@ -204,7 +204,7 @@ def evaluate_dataset(config, name, manifest, index, split, generated, image_toke
         originals.reports, generated["image_to_report"]["reports"], retrieved)
     if config.eval.get("chexbert_checkpoint"):
       from medim_jax.evaluation import chexbert
-      labeler = chexbert.CheXbert(config.eval.chexbert_checkpoint, config.eval.chexbert_tokenizer)
+      labeler = chexbert.load(config.eval.chexbert_checkpoint, config.eval.chexbert_tokenizer)
       result["chexpert14_chexbert"] = chexpert_efficacy(
           originals.reports, generated["image_to_report"]["reports"], retrieved,
           labeler.label_matrix, f"CheXbert from {config.eval.chexbert_checkpoint}")

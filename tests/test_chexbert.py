@@ -110,8 +110,9 @@ def test_head_classes_become_chexpert_labels_in_chexpert_order(tmp_path):
     assert np.isnan(column).all() if np.isnan(want) else (column == want).all(), condition
   assert (labels[:, chexpert.OBSERVATIONS.index("No Finding")] == 1).all()
   # Scored as --mode eval scores them, under the labeler's name.
-  result = evaluate.chexpert_efficacy(REPORTS, REPORTS, REPORTS,
-                                      chexbert.CheXbert(checkpoint, str(tmp_path)).label_matrix, "CheXbert")
+  labeler = chexbert.load(checkpoint, str(tmp_path))
+  assert chexbert.load(checkpoint, str(tmp_path)) is labeler  # read and compiled once
+  result = evaluate.chexpert_efficacy(REPORTS, REPORTS, REPORTS, labeler.label_matrix, "CheXbert")
   assert result["labeler"] == "CheXbert"
   assert result["uncertain as negative"]["MeDiM"]["Cardiomegaly"]["f1"] == 1.0
 

@@ -12,6 +12,7 @@ positive / negative / uncertain, No Finding with blank / positive. Labels come o
 
 from __future__ import annotations
 
+import functools
 import math
 import os
 
@@ -115,3 +116,10 @@ class CheXbert:
       for head, column in zip(logits, columns):
         out[start:start + len(encoded), column] = np.take(CLASS_LABELS, np.argmax(head, -1))
     return out
+
+
+@functools.lru_cache(maxsize=1)
+def load(checkpoint: str, tokenizer_dir: str) -> CheXbert:
+  """The labeler of these files, read and compiled once per process (--mode eval scores every
+  dataset with it)."""
+  return CheXbert(checkpoint, tokenizer_dir)

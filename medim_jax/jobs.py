@@ -6,7 +6,7 @@ import os
 
 from medim_jax import sample
 from medim_jax.data import build as data_build
-from medim_jax.data.tokenize import SHARD_SOURCES as SHARD_DATA
+from medim_jax.data.tokenize import SHARD_SOURCES
 from medim_jax.training import train
 
 
@@ -25,7 +25,7 @@ def run(config, workdir: str, mode: str) -> None:
     from medim_jax import evaluate
     evaluate.evaluate(config, workdir)
     return
-  if mode == "all" and config.data.name in SHARD_DATA:
+  if mode == "all" and config.data.name in SHARD_SOURCES:
     run_all_stages(config, workdir)
     return
   if mode == "tokenize" or (mode == "all" and needs_tokenize(config, workdir)):
@@ -65,7 +65,7 @@ def run_all_stages(config, workdir: str) -> None:
 
 def needs_tokenize(config, workdir: str) -> bool:
   """Shard data whose shards are not written yet (an existing set is reused as it is)."""
-  if config.data.name not in SHARD_DATA:
+  if config.data.name not in SHARD_SOURCES:
     return False
   from medim_jax.data import shards, tokenize
   return not os.path.exists(os.path.join(tokenize.shards_dirs(config, workdir)[0], shards.MANIFEST))

@@ -100,7 +100,8 @@ def convert(jpg_root: str, reports_root: str, out: str, section: str = "findings
     raise errors.InputError(f"uncertain must be 'negative' or 'positive', got {uncertain!r}")
   prefix = os.path.join(jpg_root, "mimic-cxr-2.0.0-")
   split_of = {r["dicom_id"]: r["split"] for r in read_csv(prefix + "split.csv")}
-  view_of = {r["dicom_id"]: r.get("ViewPosition", "") for r in read_csv(prefix + "metadata.csv")}
+  metadata = read_csv(prefix + "metadata.csv")
+  view_of = {r["dicom_id"]: r.get("ViewPosition", "") for r in metadata}
   labels_of = {(r["subject_id"], r["study_id"]): r for r in read_csv(prefix + "chexpert.csv")}
 
   images = collections.defaultdict(list)  # (subject, study) -> [(view rank, dicom id, path)]
@@ -120,7 +121,7 @@ def convert(jpg_root: str, reports_root: str, out: str, section: str = "findings
       images[(subject, study)].append((views.index(view), dicom, os.path.join(base, name)))
 
   found_ids = {dicom for entries in images.values() for _, dicom, _ in entries}
-  for row in read_csv(prefix + "metadata.csv"):
+  for row in metadata:
     if row.get("ViewPosition", "") in views and row["dicom_id"] not in found_ids:
       subject, study = "p" + row["subject_id"], "s" + row["study_id"]
       summary.missing.append(os.path.join(files, subject[:3], subject, study, row["dicom_id"] + ".jpg"))

@@ -23,7 +23,7 @@ import time
 import numpy as np
 
 from medim_jax import integrity, sample, visualize
-from medim_jax.data import base as data_base, build as data_build
+from medim_jax.data import base as data_base, build as data_build, dicom
 from medim_jax.evaluation import card as card_lib, ground_truth, image_metrics, memorisation
 from medim_jax.evaluation.demo import clinical
 from medim_jax.training import train
@@ -185,9 +185,11 @@ def evaluate_dataset(config, name, manifest, index, split, generated, image_toke
   """Metrics of one dataset's examples; also returns what the page shows."""
   data_cfg = config.data
   dataset_folders = manifest["datasets"][name]["folders"]
+  window = dicom.config_window(data_cfg)
   originals = ground_truth.load_examples(manifest, index, split.example_id, data_cfg.image_size,
-                                         data_cfg.square)
-  training = ground_truth.load_split(dataset_folders["train"], data_cfg.image_size, data_cfg.square)
+                                         data_cfg.square, window)
+  training = ground_truth.load_split(dataset_folders["train"], data_cfg.image_size, data_cfg.square,
+                                     window)
   features, name_fd, description = tokenizer_features(image_tokenizer)
   image_tasks = [t for t in ("report_to_image", "joint") if t in generated]
   feats = {"train": features(training.images), "real": features(originals.images),
@@ -363,7 +365,8 @@ def cached_classifier(config, name, dataset_folders, training, out_dir):
     classifier = clinical.train_finding_classifier(training.images, training.labels, steps=steps,
                                                    seed=seed, findings=training.findings)
     val_folder = dataset_folders.get("val", "")
-    val = (ground_truth.load_split(val_folder, config.data.image_size, config.data.square)
+    val = (ground_truth.load_split(val_folder, config.data.image_size, config.data.square,
+                                   dicom.config_window(config.data))
            if val_folder and os.path.isdir(val_folder) else None)
     if val is not None and val.labels is not None:
       classifier.calibrate(val.images, val.labels)

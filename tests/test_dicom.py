@@ -123,3 +123,24 @@ def test_a_config_window_replaces_each_file_s_and_the_manifest_records_every_dic
 def as_rgb_image(pixels):
   from PIL import Image
   return Image.fromarray(pixels).convert("RGB")
+
+
+def test_every_reader_of_a_run_s_images_applies_the_config_window(tmp_path):
+  # Tokenizing, VQ training and evaluation must see the same pixels of a DICOM.
+  from configs import demo
+  from medim_jax.evaluation import ground_truth
+  from medim_jax.training import train_vq
+  folder = tmp_path / "train"
+  folder.mkdir()
+  write_radiograph(folder / "film.dcm", np.arange(64).reshape(8, 8) * 10)
+  (folder / "film.txt").write_text("clear lungs.")
+  config = demo.get_config("tiny")
+  config.data.name, config.data.image_size, config.data.dicom_window = "folders", 16, "100,200"
+  config.data.datasets.chest.train = str(folder)
+  config.data.datasets.pathology.train = ""
+  windowed = folders.load(str(folder), 16, dicom_window=(100.0, 200.0)).images
+  assert not np.array_equal(windowed, folders.load(str(folder), 16).images)  # the window matters
+  np.testing.assert_array_equal(
+      ground_truth.load_split(str(folder), 16, "pad", dicom.config_window(config.data)).images, windowed)
+  np.testing.assert_array_equal(train_vq.load_split_images(config, "train")[0], windowed)
+  assert dicom.config_window(demo.get_config("tiny").data) is None

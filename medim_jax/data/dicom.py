@@ -82,6 +82,12 @@ def parse_window(text: str, where: str = "config.data.dicom_window") -> tuple[fl
   return center, width
 
 
+def config_window(data_config) -> tuple[float, float] | None:
+  """The window config.data.dicom_window sets for every DICOM, or None (each file's own). Every
+  reader of a run's images uses it, so training, tokenizing and evaluation see the same pixels."""
+  return parse_window(data_config.get("dicom_window", ""))
+
+
 def _first(value) -> float:
   """The first of a multi-valued DICOM element (Window Center may hold several windows)."""
   from pydicom.multival import MultiValue

@@ -20,7 +20,7 @@ import tempfile
 import numpy as np
 
 from medim_jax import errors, progress as progress_bars
-from medim_jax.data import folders, shards
+from medim_jax.data import dicom, folders, shards
 from medim_jax.tokenizers import image as image_tokenizers, text as text_tokenizers
 
 SPLITS = ("train", "val", "test")
@@ -117,12 +117,7 @@ def _split_pairs(source: dict, name: str, val_fraction: float) -> tuple[dict, li
 
 def _read(pairs, config, progress=None) -> folders.FolderData:
   return folders.load_pairs(pairs, config.data.image_size, config.data.square,
-                            config.data.on_bad_pair, progress, _dicom_window(config))
-
-
-def _dicom_window(config):
-  from medim_jax.data import dicom
-  return dicom.parse_window(config.data.get("dicom_window", ""))
+                            config.data.on_bad_pair, progress, dicom.config_window(config.data))
 
 
 def make_text_tokenizer(config, train_texts, staging: str):

@@ -50,7 +50,7 @@ def read_labels(split_folder: str) -> dict[str, dict[str, bool]] | None:
 
 
 def load_examples(manifest: dict, index: dict[int, dict], example_ids, image_size: int,
-                  square: str) -> Reference:
+                  square: str, dicom_window: tuple[float, float] | None = None) -> Reference:
   """The original image, report and labels of each example id (all of one dataset)."""
   entries = [index[int(i)] for i in example_ids]
   datasets = {e["dataset"] for e in entries}
@@ -62,13 +62,14 @@ def load_examples(manifest: dict, index: dict[int, dict], example_ids, image_siz
     # A val split carved from train has its files in the train folder.
     candidates = [dataset_folders.get(entry["split"], ""), dataset_folders.get("train", "")]
     pairs.append(_find_pair(entry["name"], [c for c in candidates if c]))
-  data = folders.load_pairs(pairs, image_size, square, on_bad_pair="error")
+  data = folders.load_pairs(pairs, image_size, square, on_bad_pair="error", dicom_window=dicom_window)
   return _with_labels(data, [os.path.dirname(image) for _, image, _ in pairs])
 
 
-def load_split(folder: str, image_size: int, square: str) -> Reference:
+def load_split(folder: str, image_size: int, square: str,
+               dicom_window: tuple[float, float] | None = None) -> Reference:
   """Every pair of a split folder (e.g. a dataset's training set, for nearest-neighbour checks)."""
-  data = folders.load(folder, image_size, square)
+  data = folders.load(folder, image_size, square, dicom_window=dicom_window)
   return _with_labels(data, [folder] * len(data))
 
 

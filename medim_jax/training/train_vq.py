@@ -179,13 +179,14 @@ class NoImagesError(errors.InputError):
 
 def load_split_images(config, split: str) -> tuple[np.ndarray, list[str]]:
   """All images of one split of the configured datasets, and which dataset each came from."""
-  from medim_jax.data import folders, tokenize
+  from medim_jax.data import dicom, folders, tokenize
   images, names = [], []
   for name, source in tokenize.source_folders(config, progress=False).items():
     folder = source[split] or (source["val"] if split == "test" else "")
     if not folder:
       continue
-    data = folders.load(folder, config.data.image_size, config.data.square, config.data.on_bad_pair)
+    data = folders.load(folder, config.data.image_size, config.data.square, config.data.on_bad_pair,
+                        dicom_window=dicom.config_window(config.data))
     images.append(data.images)
     names += [name] * len(data)
   if not images:

@@ -137,7 +137,7 @@ def probe(config, workdir: str, dataset_name: str = "chest", seed: int = 0,
   finding on validation, of checkpoint ``step`` (None: the latest). ``classifiers=False`` leaves
   out "tokens" and "real images" (they do not depend on the checkpoint)."""
   from medim_jax import evaluate, sample
-  from medim_jax.data import build as data_build
+  from medim_jax.data import build as data_build, dicom
   from medim_jax.diffusion import sampler as sampler_lib
   from medim_jax.evaluation import ground_truth
   from medim_jax.evaluation.demo import clinical
@@ -154,7 +154,8 @@ def probe(config, workdir: str, dataset_name: str = "chest", seed: int = 0,
     whole = dataset.split(split_name)
     split = evaluate.first_rows_per_dataset(whole, len(whole), [dataset_name])
     reference = ground_truth.load_examples(manifest, index, split.example_id,
-                                           config.data.image_size, config.data.square)
+                                           config.data.image_size, config.data.square,
+                                           dicom.config_window(config.data))
     if reference.labels is None:
       raise ValueError(f"the {split_name} split of {dataset_name} has no finding labels to probe")
     return split, reference

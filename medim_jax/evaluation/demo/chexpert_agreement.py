@@ -10,13 +10,12 @@ demo's finding labels (IU's MeSH tags, ``labels.jsonl``) and against the demo's 
 from __future__ import annotations
 
 import argparse
-import json
 import os
 
 import numpy as np
 
 from medim_jax.data import folders
-from medim_jax.evaluation import chexpert
+from medim_jax.evaluation import chexpert, ground_truth
 from medim_jax.evaluation.demo import clinical
 
 # medim-demo finding -> the CheXpert observation that covers it. Calcified granuloma has none: the
@@ -55,9 +54,11 @@ def main(argv=None) -> None:
   parser.add_argument("chest_dir", help="the demo's chest folder (train/, val/, test/, labels.jsonl)")
   parser.add_argument("--split", default="train", choices=("train", "val", "test"))
   args = parser.parse_args(argv)
-  with open(os.path.join(args.chest_dir, "labels.jsonl")) as f:
-    truth = {row["name"]: row["labels"] for row in map(json.loads, f)}
-  pairs, _ = folders.scan(os.path.join(args.chest_dir, args.split))
+  split_folder = os.path.join(args.chest_dir, args.split)
+  truth = ground_truth.read_labels(split_folder)
+  if truth is None:
+    raise SystemExit(f"error: no {ground_truth.LABELS_FILE} in or beside {split_folder}")
+  pairs, _ = folders.scan(split_folder)
   names = [name for name, _, _ in pairs]
   reports = [folders.read_text(text_path) for _, _, text_path in pairs]
   labels = np.array([[truth[n][f] for f in clinical.FINDINGS] for n in names], bool)

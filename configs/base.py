@@ -237,6 +237,9 @@ def get_config(arg=None):
   # (margin), or the entropies revealed in one step summed, in nats (entropy_bound).
   config.sample.reveal_threshold = 0.9
   config.sample.early_exit = True       # end the loop once no row has a MASK left
+  # K > 0: image->report / report->image reuse the given segment's keys/values, recomputed every K
+  # steps (an approximation; K = 1 is exact). 0: no cache. See diffusion/sampler.py.
+  config.sample.condition_cache_every = 0
   # > 1: draw that many samples per row and keep the one the model finds most likely given the
   # condition (diffusion/rerank.py); N times the sampling cost. 1: the sampler's draw as it is.
   config.sample.rerank_candidates = 1

@@ -215,7 +215,7 @@ class MeDiMPipeline:
         raise errors.InputError(f"sampler settings {sorted(overrides)}: {e}") from None
       self._samplers[key] = sampler_lib.Sampler(
           self.trainer.model.apply, self.layout, self.trainer.schedule, config,
-          batch_sharding=sharding.batch_sharding(self.trainer.mesh))
+          batch_sharding=sharding.batch_sharding(self.trainer.mesh), cache_model=self.trainer.model)
     return self._samplers[key]
 
   def sampler_settings(self, **sampler_overrides) -> dict:

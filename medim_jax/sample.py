@@ -81,7 +81,8 @@ def generate_task(config, trainer: train.Trainer, params, layout, split: data_ba
   ``with_confidence``, also the probability each token had when it was drawn (NaN where given)."""
   sampler = sampler_lib.Sampler(trainer.model.apply, layout, trainer.schedule,
                                 sampler_lib.SamplerConfig.from_config(config.sample),
-                                batch_sharding=sharding.batch_sharding(trainer.mesh))
+                                batch_sharding=sharding.batch_sharding(trainer.mesh),
+                                cache_model=trainer.model)
   inputs = sampler_lib.task_inputs(task, split.tokens, split.prompt_length, layout)
   count = int(config.sample.get("rerank_candidates", 1))
   if count < 1:

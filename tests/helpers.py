@@ -1,5 +1,7 @@
 """Small shared builders for the tests."""
 
+import types
+
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
@@ -20,6 +22,13 @@ def tiny_config(**overrides) -> transformer.TransformerConfig:
 
 def tiny_model(seed=0, **overrides):
   """A random tiny model with non-zero AdaLN weights (so conditioning matters) as (apply, params)."""
+  functions = tiny_model_functions(seed, **overrides)
+  return functions.apply, functions.params
+
+
+def tiny_model_functions(seed=0, **overrides):
+  """``tiny_model`` as a namespace: params, apply, and the condition cache's apply_and_context and
+  apply_query (the methods of training.train.Model the sampler calls)."""
   model = transformer.MeDiMTransformer(tiny_config(**overrides), rngs=nnx.Rngs(seed))
   rng = np.random.default_rng(seed)
   for block in model.blocks:
@@ -30,7 +39,17 @@ def tiny_model(seed=0, **overrides):
   def apply(params, tokens, sigma, key_mask=None):
     return nnx.merge(graphdef, params)(tokens, sigma, key_mask)
 
-  return apply, nnx.to_pure_dict(state)
+  def apply_and_context(params, tokens, sigma, query):
+    module = nnx.merge(graphdef, params)
+    hidden, context = module.hidden_and_context(tokens, sigma, query)
+    return module.logits(hidden), context
+
+  def apply_query(params, tokens, sigma, query, context, ids=None):
+    module = nnx.merge(graphdef, params)
+    return module.logits(module.query_hidden(tokens, sigma, query, context), ids)
+
+  return types.SimpleNamespace(params=nnx.to_pure_dict(state), apply=apply,
+                               apply_and_context=apply_and_context, apply_query=apply_query)
 
 
 def random_tokens(rng, batch, layout=LAYOUT):

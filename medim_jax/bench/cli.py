@@ -10,13 +10,13 @@ import sys
 
 import jax
 
-from medim_jax.bench.sampler_loop import bench_sampler
+from medim_jax.bench.sampler_loop import bench_condition_cache, bench_sampler
 from medim_jax.bench.shapes import build_shape
 from medim_jax.bench.timing import (bench_train, known_peak_tflops, machine, measure_matmul_peak,
                                     on_cpu, out_of_memory_as_result, torch_matmul_peak)
 from medim_jax.models import transformer
 
-WHAT = ("peak", "train", "torch", "sampler")
+WHAT = ("peak", "train", "torch", "sampler", "sampler_cache")
 
 
 def print_table(title: str, header: list[str], rows: list[list[str]]) -> None:
@@ -77,6 +77,16 @@ def print_sampler(r: dict) -> None:
               ["method", "s/call", "min s", "s/pair", "TFLOP/s", "of peak", "jitted speedup",
                "same tokens"],
               rows)
+
+
+def print_condition_cache(r: dict) -> None:
+  for task, methods in r["tasks"].items():
+    rows = [[name, f"{m['median_s']:.2f}", f"{m['min_s']:.2f}", f"{m['speedup']:.2f}x",
+             f"{m['same_tokens_as_uncached']:.3f}"] for name, m in methods.items()]
+    print_table(f"Condition cache, {r['shape']} {r['dtype']}: {task}, {r['steps']} confidence steps, "
+                f"CFG {r['cfg_scale']}, batch {r['batch_size']} x {r['seq_length']}, random weights "
+                f"(median of {next(iter(methods.values()))['runs']} calls)",
+                ["refresh", "s/call", "min s", "speedup", "same tokens as uncached"], rows)
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -175,6 +185,13 @@ def main(argv=None) -> dict:
     results["sampler"] = bench_sampler(shape, args.sample_steps, args.sample_batch, args.repeats,
                                        peak_tflops)
     print_sampler(results["sampler"])
+
+  if "sampler_cache" in args.what:
+    print(f"Condition cache, {args.sample_shape}", flush=True)
+    shape = build_shape(args.sample_shape, model_overrides)
+    results["sampler_cache"] = bench_condition_cache(shape, args.sample_steps, args.sample_batch,
+                                                     args.repeats)
+    print_condition_cache(results["sampler_cache"])
 
   if args.out:
     with open(args.out, "w") as f:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import statistics
 import time
 
 import jax
@@ -33,7 +34,8 @@ class PythonLoopSampler:
       raise ValueError("the Python-loop reference implements the confidence strategy only")
     self.sampler = sampler_lib.Sampler(jax.jit(apply_fn), layout, schedule, config)
     self.layout, self.config = layout, config
-    self.step = jax.jit(self._step, static_argnames=("segment_steps",)) if jit_step else self._step
+    self.step = (jax.jit(self._step, static_argnames=("segment_steps", "generated")) if jit_step
+                 else self._step)
 
   def __call__(self, params, tokens, example_ids, seed: int,
                segment_steps: tuple[int, int]) -> np.ndarray:
@@ -46,34 +48,35 @@ class PythonLoopSampler:
     initial_masked = tuple(jnp.sum(generate & seg[None], axis=1) for seg in in_segment)
     fractions = tuple(jnp.asarray(sampler_lib.cumulative_reveal_fraction(
         self.config.reveal_schedule, max(s, 1))) for s in segment_steps)
+    generated = self.sampler.generated_segments(np.asarray(tokens))
     for step in range(max(segment_steps)):
       # The step as an int32 array, as in the jitted loop, so that t is computed the same way.
       x = self.step(params, x, generate, initial_masked, fractions, example_ids, jnp.asarray(seed),
-                    jnp.asarray(step, jnp.int32), segment_steps=segment_steps)
+                    jnp.asarray(step, jnp.int32), segment_steps=segment_steps, generated=generated)
     if bool(jnp.any(x == layout.mask_id)):
       raise RuntimeError("tokens left masked after the last step (the confidence sampler reveals "
                          "every one)")
     return np.asarray(x)
 
   def _step(self, params, x, generate, initial_masked, fractions, example_ids, seed, step, *,
-            segment_steps):
+            segment_steps, generated):
     """One iteration of ``Sampler._sample``'s loop body (confidence strategy), tokens only."""
     cfg, layout, sampler = self.config, self.layout, self.sampler
     batch, length = x.shape
     num_steps = max(segment_steps)
     t = jnp.full((batch,), 1.0 - step / num_steps * (1.0 - cfg.final_t), jnp.float32)
     masked = x == layout.mask_id
-    log_probs, _ = sampler._guided_log_probs(params, x, ~generate, sampler._sigma(x, generate, t), t)
+    log_probs, _, _ = sampler._guided_log_probs(params, x, ~generate, sampler._sigma(x, generate, t),
+                                                t, generated)
     keys = sampler_lib.example_keys(seed, example_ids, step)
     draw_keys, noise_keys = jnp.split(jax.vmap(jax.random.split)(keys), 2, axis=1)
-    sampled = jax.vmap(jax.random.categorical)(draw_keys[:, 0], log_probs)
+    sampled, chosen, _ = sampler._draw(log_probs, generated, draw_keys[:, 0], x)
     noise = jax.vmap(lambda k: jax.random.gumbel(k, (length,)))(noise_keys[:, 0])
-    chosen = jnp.take_along_axis(log_probs, sampled[..., None], axis=-1)[..., 0]
     confidence = chosen + cfg.gumbel_scale * t[:, None] * noise
     modality = jnp.asarray(layout.modality())
     reveal = jnp.zeros_like(masked)
     for seg, seg_mask in enumerate((modality == TEXT, modality == IMAGE)):
-      if segment_steps[seg] == 0:
+      if seg not in generated:
         continue
       done_after = ((step + 1) * segment_steps[seg]) // num_steps
       reveal |= sampler_lib.confidence_reveal(masked & seg_mask[None], confidence,
@@ -131,4 +134,47 @@ def bench_sampler(shape: Shape, steps: int, batch_size: int, repeats: int,
     if name != "jitted":
       result[name]["same_tokens_as_jitted"] = float(np.mean(outputs[name] == outputs["jitted"]))
       result[name]["jitted_speedup"] = result[name]["median_s"] / result["jitted"]["median_s"]
+  return result
+
+
+CACHE_TASKS = ("image_to_report", "report_to_image")
+
+
+def bench_condition_cache(shape: Shape, steps: int, batch_size: int, repeats: int,
+                          refresh_every=(0, 1, 2, 4, 8)) -> dict:
+  """Seconds per sampler call for image->report and report->image with the condition cache
+  recomputed every K steps (0: no cache), the same fixed-step confidence sampler (so the same
+  number of model calls) and random weights: what the cache saves in wall-clock. Agreement with
+  the uncached tokens is reported, but with random weights it says little about quality."""
+  config = shape.config
+  trainer = train.Trainer(config, shape.layout)
+  params = trainer.init_state(0).params
+  base = dataclasses.replace(sampler_lib.SamplerConfig.from_config(config.sample),
+                             strategy="confidence", text_steps=steps, image_steps=steps)
+  batch = random_batch(shape.layout, batch_size)
+  example_ids = np.arange(batch_size)
+  result = {"shape": shape.name, "dtype": config.model.dtype, "steps": steps,
+            "batch_size": batch_size, "cfg_scale": base.cfg_scale,
+            "seq_length": shape.layout.seq_length, "tasks": {}}
+  with jax.set_mesh(trainer.mesh):
+    for task in CACHE_TASKS:
+      inputs = sampler_lib.task_inputs(task, batch["tokens"], batch["prompt_length"], shape.layout)
+      methods, outputs = {}, {}
+      for every in refresh_every:
+        sampler = sampler_lib.Sampler(trainer.model.apply, shape.layout, trainer.schedule,
+                                      dataclasses.replace(base, condition_cache_every=every),
+                                      cache_model=trainer.model)
+        segment_steps = sampler.steps_for_task(task)
+        name = f"K={every}" if every else "no cache"
+        methods[name] = (lambda s, st: lambda: np.asarray(
+            s(params, inputs, example_ids, 0, st).tokens))(sampler, segment_steps)
+        outputs[name] = methods[name]()  # compiles
+      times = time_alternating(methods, repeats, 1, 0, f"{task} sampler call")
+      reference = statistics.median(times["no cache"])
+      generated = inputs == shape.layout.mask_id
+      result["tasks"][task] = {
+          name: {**summary(times[name]), "speedup": reference / statistics.median(times[name]),
+                 "same_tokens_as_uncached": float(np.mean(
+                     outputs[name][generated] == outputs["no cache"][generated]))}
+          for name in methods}
   return result

@@ -27,6 +27,16 @@ With ``early_exit`` the loop ends once no row has a MASK left (a ``while_loop``)
 never changes, so this returns what running every step returns. ``SampleOutput.model_calls`` counts
 the steps each row used.
 
+The condition cache (``condition_cache_every = K > 0``, for image->report and report->image: one
+segment given whole in every row): the model computes every position once every K steps and keeps
+each layer's keys and values of the given segment; the steps between compute only the generated
+segment, attending to those. The given tokens never change, but their keys and values do a little
+(they attend to the generated tokens and see t through AdaLN), so this is an approximation (the
+dKV-Cache / Fast-dLLM idea); K = 1 recomputes every step and gives exactly the uncached samples.
+An exact cache does not exist for this model: in a bidirectional transformer with AdaLN no layer's
+keys of the condition are independent of the step. Tasks without a whole given segment (joint,
+unconditional) run uncached.
+
 Randomness is per example: the key of example ``i`` at step ``j`` is
 ``fold_in(fold_in(PRNGKey(seed), example_id[i]), j)``, so a sample does not depend on the batch
 it is generated in. Non-finite model outputs are recorded per example and raised by
@@ -67,6 +77,7 @@ class SamplerConfig:
   final_t: float = 1e-5
   reveal_threshold: float = 0.9        # adaptive strategies: probability, margin, or entropy (nats)
   early_exit: bool = True              # stop the loop once every row is finished
+  condition_cache_every: int = 0       # K > 0: recompute the condition's keys/values every K steps
 
   def __post_init__(self):
     if self.strategy not in STRATEGIES:
@@ -79,6 +90,8 @@ class SamplerConfig:
       raise ValueError("text_steps and image_steps must be >= 1")
     if self.temperature <= 0:
       raise ValueError(f"temperature must be positive, got {self.temperature}")
+    if self.condition_cache_every < 0:
+      raise ValueError(f"condition_cache_every must be >= 0 (0: no cache), got {self.condition_cache_every}")
     if self.reveal_threshold < 0:
       raise ValueError(f"reveal_threshold must be >= 0, got {self.reveal_threshold}")
 
@@ -170,15 +183,22 @@ class Sampler:
   """
 
   def __init__(self, apply_fn: Callable, layout: TokenLayout, schedule: MaskingSchedule,
-               config: SamplerConfig, batch_sharding: jax.sharding.NamedSharding | None = None):
+               config: SamplerConfig, batch_sharding: jax.sharding.NamedSharding | None = None,
+               cache_model=None):
     """``batch_sharding`` splits each call's rows over a mesh (padded to a multiple of its shards
-    with copies of the last row, which cannot change the other rows' samples)."""
+    with copies of the last row, which cannot change the other rows' samples). ``cache_model``:
+    what the condition cache calls (``training.train.Model``: ``apply_and_context`` and
+    ``apply_query``); needed when ``config.condition_cache_every > 0``."""
+    if config.condition_cache_every and cache_model is None:
+      raise ValueError("condition_cache_every > 0 needs the model's cached forward passes "
+                       "(Sampler(..., cache_model=trainer.model))")
     self.apply_fn = apply_fn
+    self.cache_model = cache_model
     self.layout = layout
     self.schedule = schedule
     self.config = config
     self.batch_sharding = batch_sharding
-    self._jitted = jax.jit(self._sample, static_argnames=("segment_steps",))
+    self._jitted = jax.jit(self._sample, static_argnames=("segment_steps", "generated", "query"))
 
   def steps_for_task(self, task: str) -> tuple[int, int]:
     """Step counts (text, image) for a task: 0 for the segment it does not generate."""
@@ -207,10 +227,26 @@ class Sampler:
       raise ValueError(f"segment_steps {segment_steps} give the sampler nothing to do")
     rows = tokens.shape[0]
     out = self._jitted(params, self._on_devices(tokens), self._on_devices(example_ids),
-                       jnp.asarray(seed), segment_steps=segment_steps)
+                       jnp.asarray(seed), segment_steps=segment_steps,
+                       generated=self.generated_segments(tokens), query=self.cached_query(tokens))
     out = jax.tree.map(lambda x: x[:rows], out)
     check_finite(out, example_ids)
     return out
+
+  def generated_segments(self, tokens: np.ndarray) -> tuple[int, ...]:
+    """The segments (0 text, 1 image) with a MASK in some row: the only ones drawn from."""
+    masked = tokens == self.layout.mask_id
+    return tuple(seg for seg, (positions, _, _) in enumerate(self.layout.segments())
+                 if masked[:, positions].any())
+
+  def cached_query(self, tokens: np.ndarray) -> tuple[int, int] | None:
+    """The token range the condition cache recomputes between refreshes: the one generated segment
+    when the other is given whole in every row; None without a cache or such a segment."""
+    generated = self.generated_segments(tokens)
+    if not self.config.condition_cache_every or len(generated) != 1:
+      return None
+    positions = self.layout.segments()[generated[0]][0]
+    return (positions.start, positions.stop)
 
   def _on_devices(self, rows: np.ndarray) -> jax.Array:
     if self.batch_sharding is None:
@@ -233,20 +269,65 @@ class Sampler:
 
   # -- the jitted loop ------------------------------------------------------------------------
 
-  def _guided_log_probs(self, params, x, given, sigma, t):
-    """Restricted log-probabilities with classifier-free guidance; also a per-row non-finite flag."""
+  def _guided_log_probs(self, params, x, given, sigma, t, generated, forward=None):
+    """Log-probabilities with classifier-free guidance of each generated segment (``generated``:
+    segment indices) over that segment's own ids, (B, L_s, V_s); a per-row non-finite flag; and
+    what ``forward(rows, sigma) -> (per-segment logits, aux)`` returned beside them (default: the
+    plain model, aux None). A position can only hold its segment's ids, so the other ids' logits
+    are never drawn from (at the paper's layout that is 3x fewer values to draw over)."""
     cfg = self.config
+    forward = forward or (lambda rows, s: (self._segment_logits(self.apply_fn(params, rows, s),
+                                                                generated), None))
     if cfg.cfg_scale > 0:
       unconditional = jnp.where(given, self.layout.mask_id, x)
-      logits = self.apply_fn(params, jnp.concatenate([x, unconditional]), jnp.concatenate([sigma, sigma]))
-      cond_logits, uncond_logits = jnp.split(logits, 2)
+      logits, aux = forward(jnp.concatenate([x, unconditional]), jnp.concatenate([sigma, sigma]))
       w = (cfg.cfg_scale * (1.0 - t) if cfg.cfg_ramp else jnp.full_like(t, cfg.cfg_scale))[:, None, None]
-      logits = (1.0 + w) * cond_logits - w * uncond_logits
+      logits = [(1.0 + w) * cond - w * uncond for cond, uncond in (jnp.split(l, 2) for l in logits)]
     else:
-      logits = self.apply_fn(params, x, sigma)
-    nonfinite = ~jnp.all(jnp.isfinite(logits), axis=(1, 2))
-    restricted = loss_lib.restrict_logits(logits / cfg.temperature, self.layout)
-    return jax.nn.log_softmax(restricted, axis=-1), nonfinite
+      logits, aux = forward(x, sigma)
+    nonfinite = jnp.any(jnp.stack([~jnp.all(jnp.isfinite(l), axis=(1, 2)) for l in logits]), axis=0)
+    return [jax.nn.log_softmax(l / cfg.temperature, axis=-1) for l in logits], nonfinite, aux
+
+  def _segment_logits(self, logits, generated):
+    """(B, L, V) logits -> per generated segment, its positions' logits over its own ids."""
+    segments = self.layout.segments()
+    return [logits[:, segments[seg][0], segments[seg][1]:segments[seg][2]] for seg in generated]
+
+  def _draw(self, log_probs, generated, keys, x):
+    """A token drawn from each generated segment's distribution: (sampled (B, L) ids, x's where no
+    segment is generated; chosen (B, L) their log-probabilities, 0 there; per generated segment
+    (log_probs, chosen) for the adaptive scores). Each segment draws with its own key, folded
+    from the row's ``keys``."""
+    sampled, chosen, per_segment = [], [], {}
+    for seg, (positions, lo, _) in enumerate(self.layout.segments()):
+      if seg not in generated:
+        sampled.append(x[:, positions])
+        chosen.append(jnp.zeros(x[:, positions].shape, jnp.float32))
+        continue
+      seg_log_probs = log_probs[generated.index(seg)]
+      seg_keys = jax.vmap(jax.random.fold_in, (0, None))(keys, seg)
+      ids = jax.vmap(jax.random.categorical)(seg_keys, seg_log_probs)
+      seg_chosen = jnp.take_along_axis(seg_log_probs, ids[..., None], axis=-1)[..., 0]
+      sampled.append(ids + lo)
+      chosen.append(seg_chosen)
+      per_segment[seg] = (seg_log_probs, seg_chosen)
+    return jnp.concatenate(sampled, 1), jnp.concatenate(chosen, 1), per_segment
+
+  def _cached_forward(self, params, query, generated, context, refresh):
+    """The model for one loop step under the condition cache: every position and a new context when
+    ``refresh``, else the query segment only (its logits over its own ids)."""
+    (_, lo, hi), = [self.layout.segments()[seg] for seg in generated]
+
+    def everything(rows, sigma, context):
+      logits, context = self.cache_model.apply_and_context(params, rows, sigma, query)
+      return self._segment_logits(logits, generated), context
+
+    def query_only(rows, sigma, context):
+      return [self.cache_model.apply_query(params, rows, sigma, query, context, ids=(lo, hi))], context
+
+    if self.config.condition_cache_every == 1:  # every step refreshes: no branch to compile
+      return lambda rows, sigma: everything(rows, sigma, context)
+    return lambda rows, sigma: jax.lax.cond(refresh, everything, query_only, rows, sigma, context)
 
   def _sigma(self, x, generate, t):
     if self.config.time_input == "nominal":
@@ -256,7 +337,17 @@ class Sampler:
     alpha = jnp.maximum(1.0 - masked_fraction, self.schedule.alpha(1.0))
     return -jnp.log(alpha)
 
-  def _sample(self, params, tokens, example_ids, seed, *, segment_steps):
+  def _empty_context(self, params, tokens, query):
+    """Zeros shaped like the condition cache the loop carries (None without one)."""
+    if query is None:
+      return None
+    rows = tokens.shape[0] * (2 if self.config.cfg_scale > 0 else 1)
+    shapes = jax.eval_shape(
+        lambda p, rows, sigma: self.cache_model.apply_and_context(p, rows, sigma, query)[1], params,
+        jax.ShapeDtypeStruct((rows, tokens.shape[1]), jnp.int32), jax.ShapeDtypeStruct((rows,), jnp.float32))
+    return jax.tree.map(lambda a: jnp.zeros(a.shape, a.dtype), shapes)
+
+  def _sample(self, params, tokens, example_ids, seed, *, segment_steps, generated, query=None):
     cfg, layout = self.config, self.layout
     batch, length = tokens.shape
     num_steps = max(segment_steps)
@@ -276,7 +367,7 @@ class Sampler:
     adaptive = cfg.strategy in ADAPTIVE_STRATEGIES
 
     def body(carry):
-      step, x, reveal_step, nonfinite_step, reveal_prob, model_calls = carry
+      step, x, reveal_step, nonfinite_step, reveal_prob, model_calls, context = carry
       masked = x == layout.mask_id
       if adaptive:  # time follows each row's own progress, which is not set by the step
         left = masked.sum(1) / jnp.maximum(generate.sum(1), 1)
@@ -284,23 +375,29 @@ class Sampler:
       else:
         t = jnp.full((batch,), 1.0 - step / num_steps * (1.0 - cfg.final_t), jnp.float32)
       model_calls = model_calls + jnp.any(masked, axis=1)
-      log_probs, nonfinite = self._guided_log_probs(params, x, given, self._sigma(x, generate, t), t)
+      forward = (None if query is None else self._cached_forward(
+          params, query, generated, context, step % cfg.condition_cache_every == 0))
+      log_probs, nonfinite, new_context = self._guided_log_probs(
+          params, x, given, self._sigma(x, generate, t), t, generated, forward)
+      context = context if query is None else new_context
       nonfinite_step = jnp.where(nonfinite & (nonfinite_step < 0), step, nonfinite_step)
 
       keys = example_keys(seed, example_ids, step)
       draw_keys, noise_keys = jnp.split(jax.vmap(jax.random.split)(keys), 2, axis=1)
-      sampled = jax.vmap(jax.random.categorical)(draw_keys[:, 0], log_probs)  # (B, L)
-      chosen = jnp.take_along_axis(log_probs, sampled[..., None], axis=-1)[..., 0]
+      sampled, chosen, per_segment = self._draw(log_probs, generated, draw_keys[:, 0], x)
       noise_fn = jax.random.gumbel if cfg.strategy == "confidence" else jax.random.uniform
       noise = jax.vmap(lambda k: noise_fn(k, (length,)))(noise_keys[:, 0])
       if cfg.strategy == "confidence":
         confidence = chosen + cfg.gumbel_scale * t[:, None] * noise
       if adaptive:
-        score = adaptive_score(cfg.strategy, log_probs, chosen)
+        score = jnp.concatenate(
+            [adaptive_score(cfg.strategy, *per_segment[seg]) if seg in per_segment else
+             jnp.full((batch, positions.stop - positions.start), -jnp.inf)
+             for seg, (positions, _, _) in enumerate(layout.segments())], 1)
 
       reveal = jnp.zeros_like(masked)
       for seg, seg_mask in enumerate(in_segment):
-        if segment_steps[seg] == 0:
+        if seg not in generated:
           continue
         done_before, done_after = segment_progress(step, seg)
         candidates = masked & seg_mask[None]
@@ -320,7 +417,7 @@ class Sampler:
       x = jnp.where(reveal, sampled, x)
       reveal_step = jnp.where(reveal, step, reveal_step)
       reveal_prob = jnp.where(reveal, jnp.exp(chosen), reveal_prob)
-      return step + 1, x, reveal_step, nonfinite_step, reveal_prob, model_calls
+      return step + 1, x, reveal_step, nonfinite_step, reveal_prob, model_calls, context
 
     def unfinished(carry):
       step, x = carry[:2]
@@ -329,19 +426,27 @@ class Sampler:
 
     init = (jnp.asarray(0, jnp.int32), tokens, jnp.where(given, -1, num_steps).astype(jnp.int32),
             jnp.full((batch,), -1, jnp.int32), jnp.full((batch, length), jnp.nan, jnp.float32),
-            jnp.zeros((batch,), jnp.int32))
-    _, x, reveal_step, nonfinite_step, reveal_prob, model_calls = jax.lax.while_loop(
+            jnp.zeros((batch,), jnp.int32), self._empty_context(params, tokens, query))
+    _, x, reveal_step, nonfinite_step, reveal_prob, model_calls, _ = jax.lax.while_loop(
         unfinished, body, init)
 
     def final_fill(x, nonfinite_step, reveal_prob, model_calls):
       """Argmax at t ~ 0 for whatever is still masked (e.g. ancestral with alpha(0) < 1)."""
       t = jnp.full((batch,), cfg.final_t, jnp.float32)
-      log_probs, nonfinite = self._guided_log_probs(params, x, given, self._sigma(x, generate, t), t)
+      log_probs, nonfinite, _ = self._guided_log_probs(params, x, given,
+                                                       self._sigma(x, generate, t), t, generated)
       left = x == layout.mask_id
       nonfinite &= left.any(axis=1)  # only rows this pass fills: keeps rows batch-independent
       nonfinite_step = jnp.where(nonfinite & (nonfinite_step < 0), num_steps, nonfinite_step)
-      best = jnp.argmax(log_probs, -1)
-      best_prob = jnp.exp(jnp.max(log_probs, -1))
+      best, best_prob = [], []
+      for seg, (positions, lo, _) in enumerate(layout.segments()):
+        if seg in generated:
+          best.append(jnp.argmax(log_probs[generated.index(seg)], -1) + lo)
+          best_prob.append(jnp.exp(jnp.max(log_probs[generated.index(seg)], -1)))
+        else:
+          best.append(x[:, positions])
+          best_prob.append(reveal_prob[:, positions])
+      best, best_prob = jnp.concatenate(best, 1), jnp.concatenate(best_prob, 1)
       return (jnp.where(left, best, x), nonfinite_step, jnp.where(left, best_prob, reveal_prob),
               model_calls + left.any(axis=1))
 

@@ -106,12 +106,25 @@ class Attention(nnx.Module):
     self.o = layers.normal_param(rngs, (h, hd, d), cfg.init_std, ("heads", "head_dim", "embed"))
 
   def __call__(self, x: jax.Array, positions: jax.Array, key_mask: jax.Array | None) -> jax.Array:
+    return self.attend(x, positions, key_mask)[0]
+
+  def attend(self, x: jax.Array, positions: jax.Array, key_mask: jax.Array | None,
+             context: tuple[jax.Array, jax.Array] | None = None):
+    """(output, (k, v) of x's positions, rotated). ``context``: keys and values (B, S, K, D) of
+    positions outside x, already rotated, attended beside x's own (the sampler's condition cache;
+    no key mask then)."""
     cfg, dtype = self.cfg, self.cfg.compute_dtype
     q = layers.contract(x, self.q[...].astype(dtype))
     k = layers.contract(x, self.k[...].astype(dtype))
     v = layers.contract(x, self.v[...].astype(dtype))
     q = layers.rotary_embedding(q, positions, cfg.rope_base)
     k = layers.rotary_embedding(k, positions, cfg.rope_base)
+    own = (k, v)
+    if context is not None:
+      if key_mask is not None:
+        raise ValueError("attention with a context of cached keys takes no key mask")
+      k = jnp.concatenate([context[0].astype(dtype), k], axis=1)
+      v = jnp.concatenate([context[1].astype(dtype), v], axis=1)
     if cfg.attention_impl == "jax_dot_product":
       mask = None if key_mask is None else key_mask[:, None, None, :]
       out = jax.nn.dot_product_attention(q, k, v, mask=mask)
@@ -120,7 +133,7 @@ class Attention(nnx.Module):
       out = splash.splash_attention(q, k, v, key_mask)
     else:
       out = attention.attention(q, k, v, key_mask)
-    return layers.contract(out, self.o[...].astype(dtype), axes=2)
+    return layers.contract(out, self.o[...].astype(dtype), axes=2), own
 
 
 class GeGLU(nnx.Module):
@@ -147,10 +160,16 @@ class Block(nnx.Module):
     self.adaln = conditioning.AdaLNModulation(cfg.d_model, cfg.adaln_gate_init, rngs=rngs)
 
   def __call__(self, x, cond, positions, key_mask):
+    return self.run(x, cond, positions, key_mask)[0]
+
+  def run(self, x, cond, positions, key_mask, context=None):
+    """(output, (k, v) of x's positions); ``context`` as in ``Attention.attend``."""
     dtype = self.cfg.compute_dtype
     shift_a, scale_a, gate_a, shift_m, scale_m, gate_m = self.adaln(cond, dtype)
-    h = x + gate_a * self.attn(self.attn_norm(x) * (1 + scale_a) + shift_a, positions, key_mask)
-    return h + gate_m * self.mlp(self.mlp_norm(h) * (1 + scale_m) + shift_m, dtype)
+    attended, kv = self.attn.attend(self.attn_norm(x) * (1 + scale_a) + shift_a, positions, key_mask,
+                                    context)
+    h = x + gate_a * attended
+    return h + gate_m * self.mlp(self.mlp_norm(h) * (1 + scale_m) + shift_m, dtype), kv
 
 
 def finding_names(model_config) -> tuple[str, ...]:
@@ -244,8 +263,64 @@ class MeDiMTransformer(nnx.Module):
   def hidden(self, tokens: jax.Array, sigma: jax.Array,
              key_mask: jax.Array | None = None) -> jax.Array:
     """The final-normed hidden states (B, L, d_model) both heads read."""
+    cond = self.time_embedder(sigma, self.cfg.compute_dtype)
+    x, positions, key_mask = self._embed_sequence(tokens, key_mask)
+    x, _ = self._run_blocks(x, cond, positions, key_mask)
+    if self.markers is not None:
+      x = self._remove_markers(x)
+    return self.final_norm(x)
+
+  # -- the sampler's condition cache --------------------------------------------------------------
+  # While a sampler generates one segment (the query), the other (the condition) never changes; its
+  # keys and values still do a little from step to step (they attend to the generated tokens and
+  # see t through AdaLN), so reusing them is an approximation, refreshed as often as the sampler
+  # says. Between refreshes only the query positions are computed.
+
+  def hidden_and_context(self, tokens: jax.Array, sigma: jax.Array, query: tuple[int, int]):
+    """``hidden(tokens, sigma)`` and the context of the query range ``tokens[:, query[0]:query[1]]``:
+    per layer the rotated keys and values of every other position (segment markers included),
+    stacked into (num_layers, B, S, kv_heads, head_dim) each."""
+    start, stop = self._sequence_range(query)
+    cond = self.time_embedder(sigma, self.cfg.compute_dtype)
+    x, positions, _ = self._embed_sequence(tokens, None)
+    outside = lambda a: jnp.concatenate([a[:, :start], a[:, stop:]], axis=1)
+    x, context = self._run_blocks(x, cond, positions, None, keep=lambda kv: jax.tree.map(outside, kv))
+    if self.markers is not None:
+      x = self._remove_markers(x)
+    return self.final_norm(x), context
+
+  def query_hidden(self, tokens: jax.Array, sigma: jax.Array, query: tuple[int, int],
+                   context) -> jax.Array:
+    """Hidden states (B, stop - start, d_model) of the query range only, its positions attending to
+    each other and to ``context`` (from ``hidden_and_context``) for the rest of the sequence. With a
+    context computed from the same tokens and sigma this equals ``hidden(...)[:, start:stop]``."""
     dtype = self.cfg.compute_dtype
+    start, stop = self._sequence_range(query)
     cond = self.time_embedder(sigma, dtype)
+    x = self.embed(tokens[:, query[0]:query[1]])
+    if self.positions is not None:
+      x = x + (self.positions[...][start:stop] * math.sqrt(self.cfg.d_model)).astype(dtype)[None]
+    x, _ = self._run_blocks(x, cond, jnp.arange(start, stop), None, context=context)
+    return self.final_norm(x)
+
+  def _sequence_range(self, query: tuple[int, int]) -> tuple[int, int]:
+    """A token range's positions in the sequence the blocks see (segment markers inserted)."""
+    start, stop = query
+    if not 0 <= start < stop:
+      raise ValueError(f"query range {query} is empty or negative")
+    segment_start = 0
+    for i, length in enumerate(self.cfg.segment_lengths):
+      if segment_start <= start and stop <= segment_start + length:
+        return start + i + 1, stop + i + 1
+      segment_start += length
+    if self.cfg.segment_lengths:
+      raise ValueError(f"query range {query} is not within one of the segments "
+                       f"{self.cfg.segment_lengths}")
+    return start, stop
+
+  def _embed_sequence(self, tokens, key_mask):
+    """Token embeddings with the segment markers and learned positions: (x, positions, key_mask)."""
+    dtype = self.cfg.compute_dtype
     x = self.embed(tokens)
     if self.markers is not None:
       x, key_mask = self._insert_markers(x, key_mask)
@@ -255,18 +330,27 @@ class MeDiMTransformer(nnx.Module):
         raise ValueError(f"sequence of {x.shape[1]} positions; the position embedding has "
                          f"{self.cfg.learned_positions}")
       x = x + (self.positions[...] * math.sqrt(self.cfg.d_model)).astype(dtype)[None]
-    run_block = Block.__call__
+    return x, positions, key_mask
+
+  def _run_blocks(self, x, cond, positions, key_mask, context=None, keep=None):
+    """The blocks over x: (x, what ``keep`` takes of each layer's (k, v), stacked over layers, or
+    None). ``context``: per layer (stacked) keys/values of positions outside x."""
+    def run_block(block, x, cond, positions, key_mask, layer_context):
+      x, kv = block.run(x, cond, positions, key_mask, layer_context)
+      return x, (keep(kv) if keep else None)
+
     if self.cfg.remat_policy != "none":
       run_block = nnx.remat(run_block, policy=REMAT_POLICIES[self.cfg.remat_policy])
     if self.cfg.scan_layers:
-      scanned = nnx.scan(run_block, in_axes=(0, nnx.Carry, None, None, None), out_axes=nnx.Carry)
-      x = scanned(self.blocks, x, cond, positions, key_mask)
-    else:
-      for block in self.blocks:
-        x = run_block(block, x, cond, positions, key_mask)
-    if self.markers is not None:
-      x = self._remove_markers(x)
-    return self.final_norm(x)
+      scanned = nnx.scan(run_block, in_axes=(0, nnx.Carry, None, None, None, 0 if context is not None else None),
+                         out_axes=(nnx.Carry, 0))
+      return scanned(self.blocks, x, cond, positions, key_mask, context)
+    kept = []
+    for i, block in enumerate(self.blocks):
+      layer_context = None if context is None else jax.tree.map(lambda a: a[i], context)
+      x, layer_kept = run_block(block, x, cond, positions, key_mask, layer_context)
+      kept.append(layer_kept)
+    return x, (jax.tree.map(lambda *a: jnp.stack(a), *kept) if keep else None)
 
 
 def count_params(params) -> int:

@@ -55,6 +55,19 @@ class Model:
   def apply(self, params, tokens, sigma, key_mask=None):
     return self.bind(params)(tokens, sigma, key_mask)
 
+  def apply_and_context(self, params, tokens, sigma, query: tuple[int, int]):
+    """(logits (B, L, V), the condition cache of ``tokens[:, query[0]:query[1]]``): the sampler's
+    refresh step (models/transformer.py, ``hidden_and_context``)."""
+    module = self.bind(params)
+    hidden, context = module.hidden_and_context(tokens, sigma, query)
+    return module.logits(hidden), context
+
+  def apply_query(self, params, tokens, sigma, query: tuple[int, int], context, ids=None):
+    """Logits (B, query[1] - query[0], V) of the query range only, the rest read from ``context``;
+    over the ids [lo, hi) only with ``ids=(lo, hi)``."""
+    module = self.bind(params)
+    return module.logits(module.query_hidden(tokens, sigma, query, context), ids)
+
   def apply_with_findings(self, params, tokens, sigma, key_mask=None):
     """(token logits, finding logits (B, L, num_findings)) from one pass."""
     module = nnx.merge(self.graphdef, params)

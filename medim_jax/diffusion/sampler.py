@@ -37,6 +37,8 @@ An exact cache does not exist for this model: in a bidirectional transformer wit
 keys of the condition are independent of the step. Tasks without a whole given segment (joint,
 unconditional) run uncached.
 
+Each generated segment draws only over its own ids (a report position can only hold a text id, an
+image position an image code), with the key of its row and step folded with the segment's index.
 Randomness is per example: the key of example ``i`` at step ``j`` is
 ``fold_in(fold_in(PRNGKey(seed), example_id[i]), j)``, so a sample does not depend on the batch
 it is generated in. Non-finite model outputs are recorded per example and raised by
@@ -53,7 +55,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from medim_jax.diffusion import loss as loss_lib
 from medim_jax.diffusion.schedules import MaskingSchedule
 from medim_jax.tokenizers.vocab import IMAGE, MODALITY_NAMES, TEXT, TokenLayout
 

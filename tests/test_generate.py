@@ -57,6 +57,11 @@ def test_each_task_gives_images_and_reports(run):
   np.testing.assert_array_equal(pipe.image_codes([film])[0], pipe.image_codes([np.asarray(film)])[0])
   images, reports = pipe.joint(["upper", ""])
   assert len(images) == len(reports) == 2 and reports[0].startswith("upper")
+  # The condition cache is a sampler setting like any other; refreshed every step it changes nothing.
+  uncached = pipe.image_to_report([film], details=True)
+  every_step = pipe.image_to_report([film], details=True, condition_cache_every=1)
+  np.testing.assert_array_equal(every_step.tokens, uncached.tokens)
+  assert isinstance(pipe.image_to_report([film], condition_cache_every=2)[0], str)
   # Each dataset's report prompt goes first, as in its training rows.
   for name, prompt in (("chest", "chest x-ray."), ("pathology", "histopathology.")):
     ids = pipe.text_tokenizer.tokenize(prompt)

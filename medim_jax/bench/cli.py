@@ -117,6 +117,8 @@ def parse_args(argv=None) -> argparse.Namespace:
   parser.add_argument("--sample_steps", type=int, default=128)
   parser.add_argument("--sample_batch", type=int, default=4, help="pairs per sampler call")
   parser.add_argument("--repeats", type=int, default=3, help="timed sampler calls per method")
+  parser.add_argument("--cache_refresh", default="1,2,4,8",
+                      help="sampler_cache: comma list of refresh intervals K to time beside no cache")
   parser.add_argument("--torch_threads", type=int, default=os.cpu_count())
   parser.add_argument("--cpu_devices", type=int, default=None,
                       help="split the CPU into this many JAX devices and the train batch over them "
@@ -189,8 +191,9 @@ def main(argv=None) -> dict:
   if "sampler_cache" in args.what:
     print(f"Condition cache, {args.sample_shape}", flush=True)
     shape = build_shape(args.sample_shape, model_overrides)
+    refresh = [0] + [int(k) for k in args.cache_refresh.split(",") if k.strip()]
     results["sampler_cache"] = bench_condition_cache(shape, args.sample_steps, args.sample_batch,
-                                                     args.repeats)
+                                                     args.repeats, refresh)
     print_condition_cache(results["sampler_cache"])
 
   if args.out:

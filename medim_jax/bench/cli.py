@@ -132,6 +132,12 @@ def parse_args(argv=None) -> argparse.Namespace:
   unknown = set(args.what) - set(WHAT)
   if unknown:
     parser.error(f"--what: unknown {sorted(unknown)}; choose from {WHAT}")
+  try:
+    args.cache_refresh = [int(k) for k in args.cache_refresh.split(",") if k.strip()]
+  except ValueError:
+    parser.error(f"--cache_refresh: {args.cache_refresh!r} is not a comma list of integers")
+  if any(k < 1 for k in args.cache_refresh):
+    parser.error("--cache_refresh: every interval must be >= 1 (no cache is always timed)")
   default_shapes = "demo,paper_cpu" if on_cpu() else "demo,paper"
   args.shapes = [s.strip() for s in (args.shapes or default_shapes).split(",") if s.strip()]
   args.dtype = args.dtype or ("float32" if on_cpu() else "bfloat16")
@@ -191,9 +197,8 @@ def main(argv=None) -> dict:
   if "sampler_cache" in args.what:
     print(f"Condition cache, {args.sample_shape}", flush=True)
     shape = build_shape(args.sample_shape, model_overrides)
-    refresh = [0] + [int(k) for k in args.cache_refresh.split(",") if k.strip()]
     results["sampler_cache"] = bench_condition_cache(shape, args.sample_steps, args.sample_batch,
-                                                     args.repeats, refresh)
+                                                     args.repeats, [0] + args.cache_refresh)
     print_condition_cache(results["sampler_cache"])
 
   if args.out:

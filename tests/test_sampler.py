@@ -334,7 +334,8 @@ def test_generate_task_with_rerank_keeps_for_each_row_its_most_likely_candidate(
     generate(rerank_candidates=0)
 
 
-CACHED = helpers.tiny_model_functions(seed=3)
+# With learned positions: the query-only pass must add the embedding of its own positions.
+CACHED = helpers.tiny_model_functions(seed=3, learned_positions=LAYOUT.seq_length + 2)
 
 
 def make_cached_sampler(**kwargs):

@@ -299,7 +299,7 @@ class MeDiMTransformer(nnx.Module):
     cond = self.time_embedder(sigma, dtype)
     x = self.embed(tokens[:, query[0]:query[1]])
     if self.positions is not None:
-      x = x + (self.positions[...][start:stop] * math.sqrt(self.cfg.d_model)).astype(dtype)[None]
+      x = x + self._position_embedding(start, stop)
     x, _ = self._run_blocks(x, cond, jnp.arange(start, stop), None, context=context)
     return self.final_norm(x)
 
@@ -320,7 +320,6 @@ class MeDiMTransformer(nnx.Module):
 
   def _embed_sequence(self, tokens, key_mask):
     """Token embeddings with the segment markers and learned positions: (x, positions, key_mask)."""
-    dtype = self.cfg.compute_dtype
     x = self.embed(tokens)
     if self.markers is not None:
       x, key_mask = self._insert_markers(x, key_mask)
@@ -329,8 +328,13 @@ class MeDiMTransformer(nnx.Module):
       if x.shape[1] != self.cfg.learned_positions:
         raise ValueError(f"sequence of {x.shape[1]} positions; the position embedding has "
                          f"{self.cfg.learned_positions}")
-      x = x + (self.positions[...] * math.sqrt(self.cfg.d_model)).astype(dtype)[None]
+      x = x + self._position_embedding(0, x.shape[1])
     return x, positions, key_mask
+
+  def _position_embedding(self, start: int, stop: int) -> jax.Array:
+    """The learned position embedding of sequence positions [start, stop), (1, stop - start, d)."""
+    scaled = self.positions[...][start:stop] * math.sqrt(self.cfg.d_model)
+    return scaled.astype(self.cfg.compute_dtype)[None]
 
   def _run_blocks(self, x, cond, positions, key_mask, context=None, keep=None):
     """The blocks over x: (x, what ``keep`` takes of each layer's (k, v), stacked over layers, or
@@ -342,7 +346,8 @@ class MeDiMTransformer(nnx.Module):
     if self.cfg.remat_policy != "none":
       run_block = nnx.remat(run_block, policy=REMAT_POLICIES[self.cfg.remat_policy])
     if self.cfg.scan_layers:
-      scanned = nnx.scan(run_block, in_axes=(0, nnx.Carry, None, None, None, 0 if context is not None else None),
+      context_axis = None if context is None else 0
+      scanned = nnx.scan(run_block, in_axes=(0, nnx.Carry, None, None, None, context_axis),
                          out_axes=(nnx.Carry, 0))
       return scanned(self.blocks, x, cond, positions, key_mask, context)
     kept = []

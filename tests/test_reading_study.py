@@ -3,7 +3,9 @@
 import json
 
 import numpy as np
+import pytest
 
+from configs import demo
 from medim_jax.evaluation.demo import reading_study
 
 
@@ -12,16 +14,17 @@ def fake_row(step):
           "reading AUC": {"cardiomegaly": 0.5 + step / 1e4, "opacity": 0.6},
           "positives": {"cardiomegaly": 5, "opacity": 16},
           "image->report macro F1": 0.05 + step / 1e5, "retrieval macro F1": 0.141,
-          "report->image macro F1": 0.1, "chance macro F1": 0.06}
+          "report->image macro F1": 0.1, "chance macro F1": 0.06,
+          "image->report F1": {"opacity": 0.2}, "report->image F1": {"opacity": 0.3}}
 
 
 def test_run_measures_only_the_missing_steps_and_keeps_rows_in_step_order(tmp_path, monkeypatch):
   measured = []
   monkeypatch.setattr(reading_study, "measure",
-                      lambda config, workdir, step: measured.append(step) or fake_row(step))
+                      lambda config, workdir, step, draws, row: measured.append(step) or fake_row(step))
   out = tmp_path / "study.json"
-  reading_study.run(None, str(tmp_path), [3000, 750], str(out))
-  reading_study.run(None, str(tmp_path), [750, 1500, 3000], str(out))
+  reading_study.run(demo.get_config(), str(tmp_path), [3000, 750], str(out))
+  reading_study.run(demo.get_config(), str(tmp_path), [750, 1500, 3000], str(out))
   assert measured == [3000, 750, 1500]
   rows = json.loads(out.read_text())["rows"]
   assert [r["step"] for r in rows] == [750, 1500, 3000]
@@ -40,3 +43,41 @@ def test_table_and_plot_show_every_row(tmp_path):
   from PIL import Image
   image = np.asarray(Image.open(png))
   assert image.shape[0] > 400 and image.std() > 10  # drawn, not blank
+
+
+def fake_draw(seed):
+  return {"image->report macro F1": 0.1 * (seed + 1), "retrieval macro F1": 0.141,
+          "report->image macro F1": 0.2, "chance macro F1": 0.06,
+          "image->report F1": {"cardiomegaly": 0.1 * seed, "effusion": None},
+          "report->image F1": {"cardiomegaly": 0.5, "effusion": None}}
+
+
+def test_more_draws_sample_only_the_seeds_a_row_lacks_and_average_them(tmp_path, monkeypatch):
+  from medim_jax.data import build
+  monkeypatch.setattr(build, "build_dataset", lambda config, workdir: None)
+  sampled = []
+  monkeypatch.setattr(reading_study, "sample_and_score",
+                      lambda config, workdir, dataset, step, seed: sampled.append(seed) or fake_draw(seed))
+  # A row measured before draws were counted: one draw, of sample seed 0.
+  old = {**fake_row(3000), **fake_draw(0)}
+  row = reading_study.measure(demo.get_config(), str(tmp_path), 3000, draws=3, row=old)
+  assert sampled == [1, 2]
+  assert row["sample seeds"] == [0, 1, 2]
+  assert row["image->report macro F1 draws"] == pytest.approx([0.1, 0.2, 0.3])
+  assert row["image->report macro F1"] == pytest.approx(0.2)
+  assert reading_study.spread(row, "image->report") == pytest.approx(0.1)
+  assert reading_study.spread(row, "report->image") == 0.0
+  assert row["image->report F1"] == {"cardiomegaly": pytest.approx(0.1), "effusion": None}
+  assert row["held-out text loss"] == old["held-out text loss"]  # not measured again
+  out = tmp_path / "study.json"
+  out.write_text(json.dumps({"rows": [row]}))
+  assert ("| 0.200 +- 0.100 (3 draws) (0.141) | 0.200 +- 0.000 (3 draws) (0.060) |"
+          in reading_study.table([str(out)]))
+
+  # Asking for as many draws again samples nothing; run() leaves the row as it is.
+  reading_study.run(demo.get_config(), str(tmp_path), [3000], str(out), draws=3)
+  assert sampled == [1, 2]
+  assert json.loads(out.read_text())["rows"] == [row]
+  reading_study.run(demo.get_config(), str(tmp_path), [3000], str(out), draws=4)
+  assert sampled == [1, 2, 3]
+  assert json.loads(out.read_text())["rows"][0]["sample seeds"] == [0, 1, 2, 3]

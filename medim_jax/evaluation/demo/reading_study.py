@@ -3,12 +3,14 @@
 For each checkpoint of a training run, on the validation split of medim-demo's chest part
 (180 images): the held-out losses (text / image), the reading probe's AUC per finding (the
 model's masked-report reading, reading_probe.py), and the macro finding F1 of image->report and
-report->image sampled with the config's sampler, beside the retrieval baseline and chance. One JSON
+report->image sampled with the config's sampler, beside the retrieval baseline and chance. One
+sampling of 180 images fixes a macro F1 to about +-0.04 (docs/reading_study.md): ``--draws N``
+samples each checkpoint with N sample seeds and keeps their mean, each draw and the spread. One JSON
 per run (rewritten atomically after every checkpoint, so a run cut short keeps what it measured,
-and a rerun measures only the checkpoints not in it yet); ``--plot`` draws the curves of several
-runs into one PNG.
+and a rerun measures only what is not in it yet: new checkpoints, or the sample seeds a checkpoint
+lacks); ``--plot`` draws the curves of several runs into one PNG.
 
-``python -m medim_jax.evaluation.demo.reading_study --config configs/demo.py --workdir W --steps 750,3000``
+``python -m medim_jax.evaluation.demo.reading_study --config configs/demo.py --workdir W --steps 750,3000 [--draws 3]``
 ``python -m medim_jax.evaluation.demo.reading_study --plot docs/reading_study.png W1/reading_study.json ...``
 """
 
@@ -16,14 +18,23 @@ from __future__ import annotations
 
 import json
 import os
+import statistics
 
 
 RESULTS_FILE = "reading_study.json"
 CURVE_FINDINGS = ("cardiomegaly", "opacity")
 
 
-def measure(config, workdir: str, step: int, examples: int = 180) -> dict:
-  """One checkpoint's row: held-out losses, reading AUCs, image->report / report->image F1."""
+TASKS = {"image->report": "image_to_report", "report->image": "report_to_image"}
+
+
+def measure(config, workdir: str, step: int, examples: int = 180, draws: int = 1,
+            row: dict | None = None) -> dict:
+  """One checkpoint's row: held-out losses, reading AUCs, and image->report / report->image F1
+  sampled ``draws`` times (sample seeds config.sample.seed, +1, ...; the macro F1s are their mean).
+
+  ``row``: what an earlier measurement of this checkpoint found; its losses and AUCs (which do not
+  sample) are kept and only the sample seeds it lacks are drawn."""
   from medim_jax import evaluate, sample
   from medim_jax.data import build as data_build
   from medim_jax.evaluation.demo import reading_probe
@@ -35,26 +46,74 @@ def measure(config, workdir: str, step: int, examples: int = 180) -> dict:
                        tasks="image_to_report,report_to_image", checkpoint_step=step,
                        report_metrics=False, export_synthetic="")
   dataset = data_build.build_dataset(config, workdir)
-  trainer = train.Trainer(config, dataset.layout)
-  params, _ = sample.load_sampling_params(config, workdir, trainer, step)
-  held_out = trainer.evaluate(params, dataset.eval_batches(config.train.batch_size,
-                                                           config.train.num_eval_batches))
-  reading = reading_probe.probe(config, workdir, step=step, classifiers=False)
-  # Its own folder: the run's eval/ and report.html (the test split's) stay as they are.
-  side = os.path.join(workdir, "reading_study", f"step_{step}")
-  clinical = evaluate.evaluate(config, workdir, dataset, out_dir=side)["datasets"]["chest"]["clinical"]
-  macro = lambda table: table["macro_f1"]
-  i2r, r2i = clinical["image_to_report"], clinical["report_to_image"]
-  row = {"step": step,
-         "held-out text loss": held_out["text_loss"], "held-out image loss": held_out["image_loss"],
-         "reading AUC": reading["model"], "positives": reading["positives"],
-         "image->report macro F1": macro(i2r["MeDiM"]),
-         "retrieval macro F1": macro(i2r["retrieval baseline"]),
-         "report->image macro F1": macro(r2i["MeDiM"]),
-         "chance macro F1": macro(r2i["chance (random at training prevalence)"]),
-         "image->report F1": {f: v["f1"] for f, v in i2r["MeDiM"].items() if isinstance(v, dict)},
-         "report->image F1": {f: v["f1"] for f, v in r2i["MeDiM"].items() if isinstance(v, dict)}}
+  if row is None:
+    trainer = train.Trainer(config, dataset.layout)
+    params, _ = sample.load_sampling_params(config, workdir, trainer, step)
+    held_out = trainer.evaluate(params, dataset.eval_batches(config.train.batch_size,
+                                                             config.train.num_eval_batches))
+    reading = reading_probe.probe(config, workdir, step=step, classifiers=False)
+    row = {"step": step,
+           "held-out text loss": held_out["text_loss"], "held-out image loss": held_out["image_loss"],
+           "reading AUC": reading["model"], "positives": reading["positives"]}
+  sampled = sampled_draws(row)
+  for seed in range(config.sample.seed, config.sample.seed + draws):
+    if seed not in sampled:
+      sampled[seed] = sample_and_score(config, workdir, dataset, step, seed)
+  seeds = sorted(sampled)
+  row = {**row, "sample seeds": seeds,
+         "retrieval macro F1": sampled[seeds[0]]["retrieval macro F1"],
+         "chance macro F1": sampled[seeds[0]]["chance macro F1"]}
+  for name in TASKS:
+    row[f"{name} macro F1 draws"] = [sampled[s][f"{name} macro F1"] for s in seeds]
+    row[f"{name} F1 draws"] = [sampled[s][f"{name} F1"] for s in seeds]
+    row[f"{name} macro F1"] = _mean(row[f"{name} macro F1 draws"])
+    row[f"{name} F1"] = {f: _mean([draw[f] for draw in row[f"{name} F1 draws"]])
+                         for f in row[f"{name} F1 draws"][0]}
   return evaluate.finite_or_null(row)  # strict JSON: a finding without positives is null, not NaN
+
+
+def _mean(values):
+  """The mean, or None where a value is (an F1 of a finding without positives)."""
+  return None if None in values else statistics.fmean(values)
+
+
+def sample_and_score(config, workdir: str, dataset, step: int, seed: int) -> dict:
+  """Macro and per-finding F1 of both tasks sampled with sample seed ``seed``."""
+  from medim_jax import evaluate
+  config = config.copy_and_resolve_references()
+  with config.unlocked():
+    config.sample.seed = seed
+  # Its own folder: the run's eval/ and report.html (the test split's) stay as they are; each
+  # seed's generations are cached in theirs.
+  side = os.path.join(workdir, "reading_study", f"step_{step}")
+  out_dir = side if seed == 0 else os.path.join(side, f"sample_seed_{seed}")
+  clinical = evaluate.evaluate(config, workdir, dataset, out_dir=out_dir)["datasets"]["chest"]["clinical"]
+  i2r, r2i = clinical["image_to_report"], clinical["report_to_image"]
+  per_finding = lambda table: {f: v["f1"] for f, v in table.items() if isinstance(v, dict)}
+  return evaluate.finite_or_null({
+      "image->report macro F1": i2r["MeDiM"]["macro_f1"],
+      "retrieval macro F1": i2r["retrieval baseline"]["macro_f1"],
+      "report->image macro F1": r2i["MeDiM"]["macro_f1"],
+      "chance macro F1": r2i["chance (random at training prevalence)"]["macro_f1"],
+      "image->report F1": per_finding(i2r["MeDiM"]), "report->image F1": per_finding(r2i["MeDiM"])})
+
+
+def sampled_draws(row: dict | None) -> dict[int, dict]:
+  """A row's sampled results by sample seed (a row from before draws were counted holds one
+  draw, of seed 0)."""
+  if not row or "image->report macro F1" not in row:
+    return {}
+  keys = ("retrieval macro F1", "chance macro F1")
+  seeds = row.get("sample seeds", [0])
+  draws = {}
+  for index, seed in enumerate(seeds):
+    draw = {k: row[k] for k in keys}
+    for name in TASKS:
+      many = f"{name} macro F1 draws" in row
+      draw[f"{name} macro F1"] = row[f"{name} macro F1 draws"][index] if many else row[f"{name} macro F1"]
+      draw[f"{name} F1"] = row[f"{name} F1 draws"][index] if many else row[f"{name} F1"]
+    draws[seed] = draw
+  return draws
 
 
 def write_atomically(path: str, value) -> None:
@@ -62,23 +121,24 @@ def write_atomically(path: str, value) -> None:
   integrity.write_text_atomically(path, json.dumps(value, indent=1))
 
 
-def run(config, workdir: str, steps: list[int], out: str | None = None) -> dict:
-  """Measure ``steps`` of the run in ``workdir`` (those not already in ``out``) into ``out``."""
+def run(config, workdir: str, steps: list[int], out: str | None = None, draws: int = 1) -> dict:
+  """Measure ``steps`` of the run in ``workdir`` into ``out``: those not in it yet, and those in it
+  with fewer of the ``draws`` sample seeds (only the missing seeds are sampled then)."""
   out = out or os.path.join(workdir, RESULTS_FILE)
   results = {"workdir": os.path.abspath(workdir), "rows": []}
   if os.path.exists(out):
     with open(out) as f:
       results = json.load(f)
-  done = {row["step"] for row in results["rows"]}
+  rows = {row["step"]: row for row in results["rows"]}
+  wanted = set(range(config.sample.seed, config.sample.seed + draws))
   for step in steps:
-    if step in done:
+    if step in rows and wanted <= set(sampled_draws(rows[step])):
       continue
-    results["rows"].append(measure(config, workdir, step))
-    results["rows"].sort(key=lambda row: row["step"])
+    rows[step] = measure(config, workdir, step, draws=draws, row=rows.get(step))
+    results["rows"] = [rows[s] for s in sorted(rows)]
     write_atomically(out, results)
-    row = results["rows"][[r["step"] for r in results["rows"]].index(step)]
     print(f"{workdir} step {step}: " + ", ".join(
-        f"{k} {v:.3f}" for k, v in row.items() if isinstance(v, float)), flush=True)
+        f"{k} {v:.3f}" for k, v in rows[step].items() if isinstance(v, float)), flush=True)
   return results
 
 
@@ -107,7 +167,9 @@ def plot(result_files: list[str], out_png: str, labels: list[str] | None = None)
         values = [r["reading AUC"][metric.split(": ")[1]] for r in rows]
       else:
         values = [r[metric] for r in rows]
-      line, = ax.plot(steps, values, "o-", label=name)
+      task = metric.split(" macro F1")[0]
+      error = [spread(r, task) for r in rows] if metric.endswith("macro F1") else None
+      line = ax.errorbar(steps, values, yerr=error, fmt="o-", capsize=3, label=name).lines[0]
       if baseline:
         ax.plot(steps, [r[baseline] for r in rows], ":", color=line.get_color(),
                 label=f"{baseline.split(' macro')[0]} ({name})" if k == 0 or len(runs) < 3 else None)
@@ -136,10 +198,22 @@ def table(result_files: list[str], labels: list[str] | None = None) -> str:
     for r in rows:
       auc = " / ".join(f"{r['reading AUC'][f]:.3f}" for f in CURVE_FINDINGS)
       lines.append(f"| {name} | {r['step']:,} | {r['held-out text loss']:.3f} / "
-                   f"{r['held-out image loss']:.3f} | {auc} | {r['image->report macro F1']:.3f} "
-                   f"({r['retrieval macro F1']:.3f}) | {r['report->image macro F1']:.3f} "
+                   f"{r['held-out image loss']:.3f} | {auc} | {_f1_cell(r, 'image->report')} "
+                   f"({r['retrieval macro F1']:.3f}) | {_f1_cell(r, 'report->image')} "
                    f"({r['chance macro F1']:.3f}) |")
   return "\n".join(lines)
+
+
+def spread(row: dict, task: str) -> float:
+  """The sample standard deviation of a task's macro F1 over the row's draws (0 for one draw)."""
+  values = row.get(f"{task} macro F1 draws", [row[f"{task} macro F1"]])
+  return statistics.stdev(values) if len(values) > 1 else 0.0
+
+
+def _f1_cell(row: dict, task: str) -> str:
+  draws = len(row.get(f"{task} macro F1 draws", [None]))
+  cell = f"{row[f'{task} macro F1']:.3f}"
+  return cell if draws == 1 else f"{cell} +- {spread(row, task):.3f} ({draws} draws)"
 
 
 if __name__ == "__main__":
@@ -148,6 +222,9 @@ if __name__ == "__main__":
   _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file (configs/X.py[:arg]).")
   _WORKDIR = flags.DEFINE_string("workdir", None, "The training run's workdir.")
   _STEPS = flags.DEFINE_list("steps", [], "Checkpoint steps to measure.")
+  _DRAWS = flags.DEFINE_integer("draws", 1, "Sample each checkpoint's reports and images this many "
+                                "times (sample seeds config.sample.seed, +1, ...) and report the "
+                                "macro F1s' mean and standard deviation.", lower_bound=1)
   _OUT = flags.DEFINE_string("out", None, f"Results JSON (default: WORKDIR/{RESULTS_FILE}).")
   _PLOT = flags.DEFINE_string("plot", None, "Draw the curves of the JSON files given as arguments "
                               "into this PNG (and print their table) instead of measuring.")
@@ -164,7 +241,7 @@ if __name__ == "__main__":
     if not _CONFIG.value or not _WORKDIR.value or not _STEPS.value:
       raise app.UsageError("--config, --workdir and --steps are required to measure")
     try:
-      run(_CONFIG.value, _WORKDIR.value, [int(s) for s in _STEPS.value], _OUT.value)
+      run(_CONFIG.value, _WORKDIR.value, [int(s) for s in _STEPS.value], _OUT.value, _DRAWS.value)
     except cli.USER_ERRORS as e:
       cli.exit_with(e, _DEBUG.value)
 

@@ -20,6 +20,8 @@ import json
 import os
 import time
 
+import jax
+import jax.numpy as jnp
 import numpy as np
 
 from medim_jax import integrity, sample, visualize
@@ -132,13 +134,9 @@ def first_rows_per_dataset(split: data_base.PairedSplit, count: int,
 
 
 def cached_generation(config, trainer, params, dataset, split, task, step, out_dir):
-  """Generated tokens of ``task`` and each token's probability when drawn, reused when checkpoint,
-  sampler settings and prompts are the same."""
-  key = hashlib.sha256(json.dumps({
-      "step": step, "task": task, "sample": config.sample.to_dict(),
-      "manifests": sorted(card_lib.file_sha256(os.path.join(d, "manifest.json"))
-                          for d in dataset.directories),
-      "example_ids": [int(i) for i in split.example_id]}, sort_keys=True).encode()).hexdigest()
+  """Generated tokens of ``task`` and each token's probability when drawn, reused while
+  ``generation_key`` is the same."""
+  key = generation_key(config, params, dataset, split, task, step)
   task_dir = os.path.join(out_dir, "generated", task)
   tokens_path, key_path = os.path.join(task_dir, "tokens.npy"), os.path.join(task_dir, "key.txt")
   confidence_path = os.path.join(task_dir, "confidence.npy")
@@ -153,6 +151,47 @@ def cached_generation(config, trainer, params, dataset, split, task, step, out_d
   sample.write_task(task_dir, task, tokens, split, dataset, step)
   write_key(key_path, key, tokens_path, confidence_path)
   return tokens, confidence
+
+
+# The code that decides generated tokens (the sampler, the model, the training step's model
+# wrapper): a change there makes cached generations stale though config and checkpoint are the same.
+GENERATION_CODE = ("diffusion", "models", "sample.py", "training/train.py")
+
+
+def generation_key(config, params, dataset, split, task, step) -> str:
+  """What generated tokens depend on: the checkpoint's step and weights, the sampler and model
+  settings, the code, the data's manifests and the prompts' example ids."""
+  return hashlib.sha256(json.dumps({
+      "step": step, "params": params_digest(params), "task": task,
+      "sample": config.sample.to_dict(), "model": config.model.to_dict(),
+      "code": generation_code_digest(),
+      "manifests": sorted(card_lib.file_sha256(os.path.join(d, "manifest.json"))
+                          for d in dataset.directories),
+      "example_ids": [int(i) for i in split.example_id]}, sort_keys=True).encode()).hexdigest()
+
+
+def params_digest(params) -> str:
+  """A fingerprint of the weights without copying them to the host: each leaf's sum and sum of
+  squares (a checkpoint trained again to the same step with other data or code differs here)."""
+  leaves = jax.tree_util.tree_leaves(params)
+  moments = jax.jit(lambda leaves: jnp.stack([
+      jnp.stack([jnp.sum(x.astype(jnp.float32)), jnp.sum(jnp.square(x.astype(jnp.float32)))])
+      for x in leaves]))(leaves)
+  return hashlib.sha256(np.asarray(moments).tobytes()).hexdigest()
+
+
+def generation_code_digest() -> str:
+  package = os.path.dirname(os.path.abspath(__file__))
+  digest = hashlib.sha256()
+  for entry in GENERATION_CODE:
+    path = os.path.join(package, entry)
+    files = ([os.path.join(path, f) for f in sorted(os.listdir(path)) if f.endswith(".py")]
+             if os.path.isdir(path) else [path])
+    for file in files:
+      digest.update(os.path.relpath(file, package).encode())
+      with open(file, "rb") as f:
+        digest.update(f.read())
+  return digest.hexdigest()
 
 
 def is_cached(key_path: str, key: str, *outputs: str) -> bool:

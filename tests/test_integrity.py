@@ -68,6 +68,32 @@ def test_a_cache_whose_file_changed_since_its_key_was_written_is_made_again(tmp_
   assert not key_path.exists()
 
 
+def test_cached_generations_are_keyed_by_the_weights_and_the_code_not_only_the_step(tmp_path,
+                                                                                     monkeypatch):
+  import types
+  from configs import demo
+  (tmp_path / "manifest.json").write_text("{}")
+  dataset = types.SimpleNamespace(directories=[str(tmp_path)])
+  split = types.SimpleNamespace(example_id=np.arange(3))
+  config = demo.get_config()
+  params = {"a": np.ones((3, 4), np.float32), "b": {"c": np.arange(5, dtype=np.float32)}}
+  key = lambda params, task="image_to_report": evaluate.generation_key(config, params, dataset,
+                                                                       split, task, 700)
+  assert key(params) == key({"a": params["a"].copy(), "b": {"c": params["b"]["c"].copy()}})
+  assert key(params) != key(params, "report_to_image")
+  # A checkpoint trained again to the same step: one weight differs.
+  retrained = {"a": params["a"].copy(), "b": {"c": params["b"]["c"].copy()}}
+  retrained["b"]["c"][2] += 1e-3
+  assert key(params) != key(retrained)
+  before = key(params)
+  monkeypatch.setattr(evaluate, "generation_code_digest", lambda: "a changed sampler")
+  assert key(params) != before
+  with config.unlocked():
+    config.model.attention_impl = "jax_dot_product"
+  monkeypatch.undo()
+  assert key(params) != before
+
+
 def test_a_log_line_cut_short_by_a_crash_is_left_out_and_the_rest_kept(tmp_path, capsys):
   log = tmp_path / "metrics.jsonl"
   rows = [{"step": s, "split": "train", "loss": 1.0 / s} for s in (1, 2, 3, 4)]

@@ -21,7 +21,8 @@ def fake_row(step):
 def test_run_measures_only_the_missing_steps_and_keeps_rows_in_step_order(tmp_path, monkeypatch):
   measured = []
   monkeypatch.setattr(reading_study, "measure",
-                      lambda config, workdir, step, draws, row: measured.append(step) or fake_row(step))
+                      lambda config, workdir, step, draws, row:
+                      measured.append(step) or fake_row(step))
   out = tmp_path / "study.json"
   reading_study.run(demo.get_config(), str(tmp_path), [3000, 750], str(out))
   reading_study.run(demo.get_config(), str(tmp_path), [750, 1500, 3000], str(out))
@@ -57,7 +58,8 @@ def test_more_draws_sample_only_the_seeds_a_row_lacks_and_average_them(tmp_path,
   monkeypatch.setattr(build, "build_dataset", lambda config, workdir: None)
   sampled = []
   monkeypatch.setattr(reading_study, "sample_and_score",
-                      lambda config, workdir, dataset, step, seed: sampled.append(seed) or fake_draw(seed))
+                      lambda config, workdir, dataset, step, seed:
+                      sampled.append(seed) or fake_draw(seed))
   # A row measured before draws were counted: one draw, of sample seed 0.
   old = {**fake_row(3000), **fake_draw(0)}
   row = reading_study.measure(demo.get_config(), str(tmp_path), 3000, draws=3, row=old)

@@ -25,7 +25,7 @@ RESULTS_FILE = "reading_study.json"
 CURVE_FINDINGS = ("cardiomegaly", "opacity")
 
 
-TASKS = {"image->report": "image_to_report", "report->image": "report_to_image"}
+TASKS = ("image->report", "report->image")
 
 
 def measure(config, workdir: str, step: int, examples: int = 180, draws: int = 1,
@@ -53,7 +53,8 @@ def measure(config, workdir: str, step: int, examples: int = 180, draws: int = 1
                                                              config.train.num_eval_batches))
     reading = reading_probe.probe(config, workdir, step=step, classifiers=False)
     row = {"step": step,
-           "held-out text loss": held_out["text_loss"], "held-out image loss": held_out["image_loss"],
+           "held-out text loss": held_out["text_loss"],
+           "held-out image loss": held_out["image_loss"],
            "reading AUC": reading["model"], "positives": reading["positives"]}
   sampled = sampled_draws(row)
   for seed in range(config.sample.seed, config.sample.seed + draws):
@@ -87,7 +88,8 @@ def sample_and_score(config, workdir: str, dataset, step: int, seed: int) -> dic
   # seed's generations are cached in theirs.
   side = os.path.join(workdir, "reading_study", f"step_{step}")
   out_dir = side if seed == 0 else os.path.join(side, f"sample_seed_{seed}")
-  clinical = evaluate.evaluate(config, workdir, dataset, out_dir=out_dir)["datasets"]["chest"]["clinical"]
+  result = evaluate.evaluate(config, workdir, dataset, out_dir=out_dir)
+  clinical = result["datasets"]["chest"]["clinical"]
   i2r, r2i = clinical["image_to_report"], clinical["report_to_image"]
   per_finding = lambda table: {f: v["f1"] for f, v in table.items() if isinstance(v, dict)}
   return evaluate.finite_or_null({
@@ -108,10 +110,8 @@ def sampled_draws(row: dict | None) -> dict[int, dict]:
   draws = {}
   for index, seed in enumerate(seeds):
     draw = {k: row[k] for k in keys}
-    for name in TASKS:
-      many = f"{name} macro F1 draws" in row
-      draw[f"{name} macro F1"] = row[f"{name} macro F1 draws"][index] if many else row[f"{name} macro F1"]
-      draw[f"{name} F1"] = row[f"{name} F1 draws"][index] if many else row[f"{name} F1"]
+    for metric in [f"{name}{what}" for name in TASKS for what in (" macro F1", " F1")]:
+      draw[metric] = row[f"{metric} draws"][index] if f"{metric} draws" in row else row[metric]
     draws[seed] = draw
   return draws
 

@@ -182,16 +182,12 @@ def params_digest(params) -> str:
 
 def generation_code_digest() -> str:
   package = os.path.dirname(os.path.abspath(__file__))
-  digest = hashlib.sha256()
+  files = []
   for entry in GENERATION_CODE:
     path = os.path.join(package, entry)
-    files = ([os.path.join(path, f) for f in sorted(os.listdir(path)) if f.endswith(".py")]
-             if os.path.isdir(path) else [path])
-    for file in files:
-      digest.update(os.path.relpath(file, package).encode())
-      with open(file, "rb") as f:
-        digest.update(f.read())
-  return digest.hexdigest()
+    files += ([os.path.join(path, f) for f in os.listdir(path) if f.endswith(".py")]
+              if os.path.isdir(path) else [path])
+  return integrity.files_sha256(files)
 
 
 def is_cached(key_path: str, key: str, *outputs: str) -> bool:

@@ -19,6 +19,16 @@ def file_sha256(path: str) -> str:
   return digest.hexdigest()
 
 
+def files_sha256(paths) -> str:
+  """One sha256 over several files: each file's name and bytes, in the order of their paths."""
+  digest = hashlib.sha256()
+  for path in sorted(paths):
+    digest.update(os.path.basename(path).encode())
+    with open(path, "rb") as f:
+      digest.update(f.read())
+  return digest.hexdigest()
+
+
 def write_text_atomically(path: str, text: str) -> None:
   temporary = path + ".tmp"
   with open(temporary, "w", encoding="utf-8") as f:

@@ -15,6 +15,8 @@ import os
 
 import numpy as np
 
+from medim_jax import integrity
+
 
 class WordTokenizer:
   """A closed word-level vocabulary, for the procedural smoke data. Id 0 is padding, 1 is EOS."""
@@ -65,15 +67,6 @@ def fixed_length(ids, length: int, eos_id: int, pad_id: int, truncate: bool = Fa
       raise ValueError(f"{len(ids)} ids + EOS do not fit the text segment of {length}")
     return np.asarray(ids[:length], np.int32)
   return np.asarray(ids + [eos_id] + [pad_id] * (length - len(ids) - 1), np.int32)
-
-
-def _sha256_of_files(paths) -> str:
-  digest = hashlib.sha256()
-  for path in sorted(paths):
-    digest.update(os.path.basename(path).encode())
-    with open(path, "rb") as f:
-      digest.update(f.read())
-  return digest.hexdigest()
 
 
 class _PieceTokenizer:
@@ -147,7 +140,7 @@ class HuggingFaceTokenizer(_PieceTokenizer):
     self.path = directory
     self.eos_id = self.tokenizer.eos_token_id
     self.pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
-    self.fingerprint = "huggingface:" + _sha256_of_files(files)
+    self.fingerprint = "huggingface:" + integrity.files_sha256(files)
 
   @property
   def vocab_size(self) -> int:

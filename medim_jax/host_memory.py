@@ -33,7 +33,7 @@ def glibc() -> ctypes.CDLL | None:
     libc = ctypes.CDLL(None)
     libc.gnu_get_libc_version
     libc.mallopt
-  except (OSError, AttributeError):
+  except (OSError, AttributeError, TypeError):  # TypeError: CDLL(None) on Windows
     return None
   return libc
 

@@ -132,6 +132,8 @@ def test_main_job_runs_every_stage_on_folders_then_reuses_them(tmp_path):
   assert study.returncode == 0, study.stderr[-3000:]
   row = json.loads((workdir / "reading_study.json").read_text())["rows"][0]
   assert row["step"] == 4 and set(row["reading AUC"]) == {"nodule", "opacity"}
+  assert 0.0 <= row["model-ranked retrieval macro F1"] <= 1.0
+  assert set(row["model-ranked retrieval F1"]) == {"nodule", "opacity"}
   assert (workdir / "reading_study" / "step_4" / "metrics.json").exists()
   assert before == {name: (workdir / name).read_bytes() for name in before}
 

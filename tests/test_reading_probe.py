@@ -21,6 +21,16 @@ def test_finding_reading_scores_are_differences_of_means_and_nan_without_contras
   assert reading[0, 2] == 1.0 - 14.0 / 3
 
 
+def test_ranked_retrieval_picks_the_report_the_image_raises_most_not_the_likeliest():
+  # Candidate 0 is the generic report: likeliest under every image, and as likely with none.
+  unconditional = np.array([-1.0, -9.0, -9.0])
+  scores = np.array([[-1.0, -3.0, -8.0],    # raises candidate 1 by 6 nats
+                     [-1.0, -8.5, -2.0],    # raises candidate 2 by 7
+                     [-0.5, -9.0, -9.0]])   # raises nothing but the generic one
+  assert reading_probe.ranked_retrieval(scores, unconditional).tolist() == [1, 2, 0]
+  assert scores.argmax(axis=1).tolist() == [0, 0, 0]
+
+
 def test_a_reader_scores_auc_one_and_a_blind_model_one_half():
   rng = np.random.default_rng(0)
   vocab, length = 4, 3

@@ -15,7 +15,8 @@ def fake_row(step):
           "positives": {"cardiomegaly": 5, "opacity": 16},
           "image->report macro F1": 0.05 + step / 1e5, "retrieval macro F1": 0.141,
           "report->image macro F1": 0.1, "chance macro F1": 0.06,
-          "image->report F1": {"opacity": 0.2}, "report->image F1": {"opacity": 0.3}}
+          "image->report F1": {"opacity": 0.2}, "report->image F1": {"opacity": 0.3},
+          "model-ranked retrieval macro F1": 0.12, "model-ranked retrieval F1": {"opacity": 0.25}}
 
 
 def test_run_measures_only_the_missing_steps_and_keeps_rows_in_step_order(tmp_path, monkeypatch):
@@ -38,7 +39,7 @@ def test_table_and_plot_show_every_row(tmp_path):
   out.write_text(json.dumps({"rows": [fake_row(750), fake_row(3000)]}))
   table = reading_study.table([str(out)])
   assert table.count("\n") == 3
-  assert "| run_a | 3,000 | 1.700 / 4.000 | 0.800 / 0.600 | 0.080 (0.141) | 0.100 (0.060) |" in table
+  assert "| run_a | 3,000 | 1.700 / 4.000 | 0.800 / 0.600 | 0.080 (0.141) | 0.120 | 0.100 (0.060) |" in table
   png = tmp_path / "curves.png"
   reading_study.plot([str(out), str(out)], str(png), ["a", "b"])
   from PIL import Image
@@ -73,7 +74,7 @@ def test_more_draws_sample_only_the_seeds_a_row_lacks_and_average_them(tmp_path,
   assert row["held-out text loss"] == old["held-out text loss"]  # not measured again
   out = tmp_path / "study.json"
   out.write_text(json.dumps({"rows": [row]}))
-  assert ("| 0.200 +- 0.100 (3 draws) (0.141) | 0.200 +- 0.000 (3 draws) (0.060) |"
+  assert ("| 0.200 +- 0.100 (3 draws) (0.141) | 0.120 | 0.200 +- 0.000 (3 draws) (0.060) |"
           in reading_study.table([str(out)]))
 
   # Asking for as many draws again samples nothing; run() leaves the row as it is.
@@ -83,3 +84,30 @@ def test_more_draws_sample_only_the_seeds_a_row_lacks_and_average_them(tmp_path,
   reading_study.run(demo.get_config(), str(tmp_path), [3000], str(out), draws=4)
   assert sampled == [1, 2, 3]
   assert json.loads(out.read_text())["rows"][0]["sample seeds"] == [0, 1, 2, 3]
+
+
+def test_a_row_from_before_the_ranked_retrieval_gets_it_without_sampling_again(tmp_path, monkeypatch):
+  from medim_jax.data import build
+  from medim_jax.evaluation.demo import reading_probe
+  monkeypatch.setattr(build, "build_dataset", lambda config, workdir: None)
+  monkeypatch.setattr(reading_study, "sample_and_score",
+                      lambda *args: pytest.fail("the row's draw is there: nothing to sample"))
+  probed = []
+  monkeypatch.setattr(reading_probe, "probe", lambda config, workdir, step, classifiers: probed.append(
+      (step, classifiers)) or {"model": {"cardiomegaly": 0.7, "opacity": 0.6},
+                               "positives": {"cardiomegaly": 5, "opacity": 16},
+                               "model-ranked retrieval": {"macro F1": 0.15, "F1": {"opacity": 0.3}}})
+  old = {**fake_row(3000), **fake_draw(0)}
+  for key in ("model-ranked retrieval macro F1", "model-ranked retrieval F1"):
+    del old[key]
+  out = tmp_path / "study.json"
+  out.write_text(json.dumps({"rows": [old]}))
+  reading_study.run(demo.get_config(), str(tmp_path), [3000], str(out))
+  reading_study.run(demo.get_config(), str(tmp_path), [3000], str(out))  # now complete: no probe
+  assert probed == [(3000, False)]
+  row = json.loads(out.read_text())["rows"][0]
+  assert row["model-ranked retrieval macro F1"] == 0.15
+  assert row["model-ranked retrieval F1"] == {"opacity": 0.3}
+  assert row["reading AUC"] == {"cardiomegaly": 0.7, "opacity": 0.6}
+  assert row["held-out text loss"] == old["held-out text loss"]
+  assert row["image->report macro F1"] == old["image->report macro F1"]

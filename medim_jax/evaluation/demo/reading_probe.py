@@ -9,6 +9,11 @@ validation split of a labelled dataset (medim-demo's chest part), each as an AUC
   by the summed log-probability of its tokens under it, and an image's reading score for a finding
   is the mean score of the training reports with the finding minus that of the reports without.
   Its AUC is 0.5 when the image does not move the model's reports towards that finding.
+* ``model-ranked retrieval``: the same scores used as a decoder. Each image gets the training
+  report it raises most, the highest log p(report | image) - log p(report) (the second term from one
+  more pass with the image masked too), and that report's findings by the rule extractor; macro F1
+  beside the ``retrieval baseline`` (the nearest training image's report, as in evaluation). No
+  sampling, so no sampling noise: what the model's reading is worth as reports.
 * ``finding head`` (a model with config.model.finding_names): the finding head's logits, report
   fully masked and image given, averaged over the report positions: what the auxiliary finding loss
   taught the report positions to see.
@@ -22,7 +27,7 @@ validation split of a labelled dataset (medim-demo's chest part), each as an AUC
 A model whose image->report findings are no better than guessing while ``tokens`` is high has not
 learned to read the image (not: the tokenizer lost the finding).
 
-``python -m medim_jax.evaluation.demo.reading_probe --config configs/demo.py --workdir WORKDIR [--label_steps 700]``
+``python -m medim_jax.evaluation.demo.reading_probe --config configs/demo.py --workdir WORKDIR [--split test] [--label_steps 700]``
 """
 
 from __future__ import annotations
@@ -48,6 +53,13 @@ def finding_reading_scores(scores, candidate_labels) -> np.ndarray:
     if 0 < labels[:, k].sum() < len(labels):
       result[:, k] = scores[:, labels[:, k]].mean(axis=1) - scores[:, ~labels[:, k]].mean(axis=1)
   return result
+
+
+def ranked_retrieval(scores, unconditional_scores) -> np.ndarray:
+  """(N,) index of the candidate each image raises most: argmax over m of ``scores[n, m] -
+  unconditional_scores[m]``, the pointwise mutual information log p(r | image) - log p(r) under the
+  model. The conditional score alone prefers the shortest, most common reports whatever the image."""
+  return (np.asarray(scores, np.float64) - np.asarray(unconditional_scores, np.float64)[None]).argmax(axis=1)
 
 
 def masked_report_scores(trainer, params, inputs, candidate_texts, batch_size: int = 64) -> np.ndarray:
@@ -132,10 +144,13 @@ def train_on_labels(trainer, image_tokenizer, inputs, labels, val_inputs, steps:
 
 
 def probe(config, workdir: str, dataset_name: str = "chest", seed: int = 0,
-          label_steps: int = 0, step: int | None = None, classifiers: bool = True) -> dict:
+          label_steps: int = 0, step: int | None = None, classifiers: bool = True,
+          split: str = "val") -> dict:
   """{"tokens", "real images", "model"[, "finding head"][, "transformer on labels"]}: AUC per
-  finding on validation, of checkpoint ``step`` (None: the latest). ``classifiers=False`` leaves
-  out "tokens" and "real images" (they do not depend on the checkpoint)."""
+  finding on ``split`` (validation unless said), of checkpoint ``step`` (None: the latest), and
+  {"model-ranked retrieval", "retrieval baseline"}: macro and per-finding F1 (where the rule
+  extractor knows the findings). ``classifiers=False`` leaves out "tokens" and "real images" (they
+  do not depend on the checkpoint)."""
   from medim_jax import evaluate, sample
   from medim_jax.data import build as data_build, dicom
   from medim_jax.diffusion import sampler as sampler_lib
@@ -160,9 +175,9 @@ def probe(config, workdir: str, dataset_name: str = "chest", seed: int = 0,
       raise ValueError(f"the {split_name} split of {dataset_name} has no finding labels to probe")
     return split, reference
 
-  (train_split, train_ref), (val_split, val_ref) = labelled("train"), labelled("val")
+  (train_split, train_ref), (val_split, val_ref) = labelled("train"), labelled(split)
   findings = list(val_ref.findings)
-  result = {"checkpoint": step, "validation images": len(val_split),
+  result = {"checkpoint": step, "split": split, "images": len(val_split),
             "positives": dict(zip(findings, np.asarray(val_ref.labels).sum(0).tolist()))}
   for name, train_images, val_images in (
       (("tokens", train_split.images, val_split.images),
@@ -175,12 +190,25 @@ def probe(config, workdir: str, dataset_name: str = "chest", seed: int = 0,
   masked = lambda split: sampler_lib.task_inputs("image_to_report", split.tokens,
                                                  split.prompt_length, dataset.layout)
   val_inputs = masked(val_split)
-  scores = masked_report_scores(trainer, params, val_inputs,
-                                train_split.tokens[:, dataset.layout.text_slice])
+  candidates = train_split.tokens[:, dataset.layout.text_slice]
+  scores = masked_report_scores(trainer, params, val_inputs, candidates)
   reading = finding_reading_scores(scores, train_ref.labels)
   aucs = clinical.auc_per_finding(np.nan_to_num(reading), val_ref.labels)
   aucs[np.isnan(reading).any(axis=0)] = np.nan  # no training report with (or without) the finding
   result["model"] = dict(zip(findings, aucs.tolist()))
+  if set(findings) <= set(clinical.FINDINGS):
+    nothing_given = sampler_lib.task_inputs("unconditional", val_split.tokens[:1],
+                                            val_split.prompt_length[:1], dataset.layout)
+    unconditional = masked_report_scores(trainer, params, nothing_given, candidates)[0]
+    features = evaluate.tokenizer_features(dataset.image_tokenizer)[0]
+    nearest = clinical.retrieval_baseline(features(val_ref.images), features(train_ref.images))
+    train_findings = clinical.extract_matrix(train_ref.reports)[
+        :, [clinical.FINDINGS.index(f) for f in findings]]
+    for name, picked in (("model-ranked retrieval", ranked_retrieval(scores, unconditional)),
+                         ("retrieval baseline", nearest)):
+      table = clinical.f1_table(train_findings[picked], val_ref.labels, findings)
+      result[name] = {"macro F1": table["macro_f1"], "F1": {f: table[f]["f1"] for f in findings},
+                      "distinct reports": len(set(np.asarray(picked).tolist()))}
   if trainer.model.config.num_findings:
     head = finding_head_scores(trainer, params, val_inputs)
     names = transformer.finding_names(config.model)
@@ -195,13 +223,14 @@ def probe(config, workdir: str, dataset_name: str = "chest", seed: int = 0,
   return result
 
 
-def print_probe(config, workdir: str, label_steps: int) -> None:
+def print_probe(config, workdir: str, label_steps: int, split: str = "val",
+                step: int | None = None) -> None:
   from absl import logging
   logging.set_verbosity(logging.WARNING)  # orbax logs every file operation at INFO
-  result = probe(config, workdir, label_steps=label_steps)
+  result = probe(config, workdir, label_steps=label_steps, step=step, split=split)
   findings = list(result["positives"])
-  print(f"Reading probe, checkpoint {result['checkpoint']}, {result['validation images']} "
-        "validation images; AUC per finding (0.5: not read):")
+  print(f"Reading probe, checkpoint {result['checkpoint']}, {result['images']} {split} images; "
+        "AUC per finding (0.5: not read):")
   print(f"  {'':38s}" + " ".join(f"{f[:12]:>12s}" for f in findings))
   print(f"  {'positives':38s}" + " ".join(f"{result['positives'][f]:12d}" for f in findings))
   for row, label in (("real images", "classifier trained on real images"),
@@ -212,6 +241,13 @@ def print_probe(config, workdir: str, label_steps: int) -> None:
     if row not in result:
       continue
     print(f"  {label:38s}" + " ".join(f"{result[row][f]:12.3f}" for f in findings))
+  if "model-ranked retrieval" in result:
+    print("F1 per finding and macro F1 of the training report each image is given:")
+    for row, label in (("model-ranked retrieval", "ranked by the model (its PMI)"),
+                       ("retrieval baseline", "the nearest training image's")):
+      scores = result[row]
+      print(f"  {label:38s}" + " ".join(f"{scores['F1'][f]:12.3f}" for f in findings)
+            + f"   macro {scores['macro F1']:.3f} ({scores['distinct reports']} distinct reports)")
 
 
 if __name__ == "__main__":
@@ -221,5 +257,8 @@ if __name__ == "__main__":
   _WORKDIR = flags.DEFINE_string("workdir", None, "The workdir of the trained checkpoint.")
   _LABEL_STEPS = flags.DEFINE_integer("label_steps", 0, "> 0: also train a fresh model of the "
                                       "config's architecture on the labels for that many steps")
+  _SPLIT = flags.DEFINE_enum("split", "val", ["val", "test"], "The images to probe.")
+  _STEP = flags.DEFINE_integer("step", None, "The checkpoint (default: the latest).")
   flags.mark_flags_as_required(["config", "workdir"])
-  app.run(lambda argv: print_probe(_CONFIG.value, _WORKDIR.value, _LABEL_STEPS.value))
+  app.run(lambda argv: print_probe(_CONFIG.value, _WORKDIR.value, _LABEL_STEPS.value,
+                                   _SPLIT.value, _STEP.value))

@@ -2,8 +2,9 @@
 
 For each checkpoint of a training run, on the validation split of medim-demo's chest part
 (180 images): the held-out losses (text / image), the reading probe's AUC per finding (the
-model's masked-report reading, reading_probe.py), and the macro finding F1 of image->report and
-report->image sampled with the config's sampler, beside the retrieval baseline and chance. One
+model's masked-report reading, reading_probe.py) and its model-ranked retrieval (image->report
+without sampling), and the macro finding F1 of image->report and report->image sampled with the
+config's sampler, beside the retrieval baseline and chance. One
 sampling of 180 images fixes a macro F1 to about +-0.04 (docs/reading_study.md): ``--draws N``
 samples each checkpoint with N sample seeds and keeps their mean, each draw and the spread. One JSON
 per run (rewritten atomically after every checkpoint, so a run cut short keeps what it measured,
@@ -26,15 +27,19 @@ CURVE_FINDINGS = ("cardiomegaly", "opacity")
 
 
 TASKS = ("image->report", "report->image")
+# image->report without sampling: each image's training report as the model ranks them
+# (reading_probe.ranked_retrieval), so the model's reading in report terms, free of sampling noise.
+RANKED = "model-ranked retrieval macro F1"
 
 
 def measure(config, workdir: str, step: int, examples: int = 180, draws: int = 1,
             row: dict | None = None) -> dict:
-  """One checkpoint's row: held-out losses, reading AUCs, and image->report / report->image F1
-  sampled ``draws`` times (sample seeds config.sample.seed, +1, ...; the macro F1s are their mean).
+  """One checkpoint's row: held-out losses, reading AUCs, the model-ranked retrieval's macro F1, and
+  image->report / report->image F1 sampled ``draws`` times (sample seeds config.sample.seed, +1,
+  ...; the macro F1s are their mean).
 
-  ``row``: what an earlier measurement of this checkpoint found; its losses and AUCs (which do not
-  sample) are kept and only the sample seeds it lacks are drawn."""
+  ``row``: what an earlier measurement of this checkpoint found; what does not sample is kept (and
+  measured where the row lacks it) and only the sample seeds it lacks are drawn."""
   from medim_jax import evaluate, sample
   from medim_jax.data import build as data_build
   from medim_jax.evaluation.demo import reading_probe
@@ -51,11 +56,14 @@ def measure(config, workdir: str, step: int, examples: int = 180, draws: int = 1
     params, _ = sample.load_sampling_params(config, workdir, trainer, step)
     held_out = trainer.evaluate(params, dataset.eval_batches(config.train.batch_size,
                                                              config.train.num_eval_batches))
-    reading = reading_probe.probe(config, workdir, step=step, classifiers=False)
     row = {"step": step,
            "held-out text loss": held_out["text_loss"],
-           "held-out image loss": held_out["image_loss"],
-           "reading AUC": reading["model"], "positives": reading["positives"]}
+           "held-out image loss": held_out["image_loss"]}
+  if RANKED not in row:  # rows measured before it was: the probe again (deterministic, ~1 min)
+    reading = reading_probe.probe(config, workdir, step=step, classifiers=False)
+    ranked = reading.get("model-ranked retrieval", {})  # none where the extractor lacks a finding
+    row = {**row, "reading AUC": reading["model"], "positives": reading["positives"],
+           RANKED: ranked.get("macro F1"), "model-ranked retrieval F1": ranked.get("F1")}
   sampled = sampled_draws(row)
   for seed in range(config.sample.seed, config.sample.seed + draws):
     if seed not in sampled:
@@ -132,7 +140,7 @@ def run(config, workdir: str, steps: list[int], out: str | None = None, draws: i
   rows = {row["step"]: row for row in results["rows"]}
   wanted = set(range(config.sample.seed, config.sample.seed + draws))
   for step in steps:
-    if step in rows and wanted <= set(sampled_draws(rows[step])):
+    if step in rows and wanted <= set(sampled_draws(rows[step])) and RANKED in rows[step]:
       continue
     rows[step] = measure(config, workdir, step, draws=draws, row=rows.get(step))
     results["rows"] = [rows[s] for s in sorted(rows)]
@@ -170,6 +178,10 @@ def plot(result_files: list[str], out_png: str, labels: list[str] | None = None)
       task = metric.split(" macro F1")[0]
       error = [spread(r, task) for r in rows] if metric.endswith("macro F1") else None
       line = ax.errorbar(steps, values, yerr=error, fmt="o-", capsize=3, label=name).lines[0]
+      ranked = [(r["step"], r[RANKED]) for r in rows if r.get(RANKED) is not None]
+      if metric == "image->report macro F1" and ranked:
+        ax.plot(*zip(*ranked), "x--", color=line.get_color(),
+                label=f"model-ranked retrieval ({name})" if k == 0 or len(runs) < 3 else None)
       if baseline:
         ax.plot(steps, [r[baseline] for r in rows], ":", color=line.get_color(),
                 label=f"{baseline.split(' macro')[0]} ({name})" if k == 0 or len(runs) < 3 else None)
@@ -189,8 +201,9 @@ def plot(result_files: list[str], out_png: str, labels: list[str] | None = None)
 def table(result_files: list[str], labels: list[str] | None = None) -> str:
   """The rows of several runs as one Markdown table."""
   lines = ["| run | step | held-out loss text / image | reading AUC " + " / ".join(CURVE_FINDINGS)
-           + " | image->report macro F1 (retrieval) | report->image macro F1 (chance) |",
-           "|---|---|---|---|---|---|"]
+           + " | image->report macro F1 (retrieval) | model-ranked retrieval macro F1 |"
+           " report->image macro F1 (chance) |",
+           "|---|---|---|---|---|---|---|"]
   for i, path in enumerate(result_files):
     with open(path) as f:
       rows = json.load(f)["rows"]
@@ -199,7 +212,7 @@ def table(result_files: list[str], labels: list[str] | None = None) -> str:
       auc = " / ".join(f"{r['reading AUC'][f]:.3f}" for f in CURVE_FINDINGS)
       lines.append(f"| {name} | {r['step']:,} | {r['held-out text loss']:.3f} / "
                    f"{r['held-out image loss']:.3f} | {auc} | {_f1_cell(r, 'image->report')} "
-                   f"({r['retrieval macro F1']:.3f}) | {_f1_cell(r, 'report->image')} "
+                   f"({r['retrieval macro F1']:.3f}) | {_ranked_cell(r)} | {_f1_cell(r, 'report->image')} "
                    f"({r['chance macro F1']:.3f}) |")
   return "\n".join(lines)
 
@@ -208,6 +221,10 @@ def spread(row: dict, task: str) -> float:
   """The sample standard deviation of a task's macro F1 over the row's draws (0 for one draw)."""
   values = row.get(f"{task} macro F1 draws", [row[f"{task} macro F1"]])
   return statistics.stdev(values) if len(values) > 1 else 0.0
+
+
+def _ranked_cell(row: dict) -> str:
+  return "-" if row.get(RANKED) is None else f"{row[RANKED]:.3f}"
 
 
 def _f1_cell(row: dict, task: str) -> str:

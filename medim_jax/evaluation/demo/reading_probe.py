@@ -59,7 +59,8 @@ def ranked_retrieval(scores, unconditional_scores) -> np.ndarray:
   """(N,) index of the candidate each image raises most: argmax over m of ``scores[n, m] -
   unconditional_scores[m]``, the pointwise mutual information log p(r | image) - log p(r) under the
   model. The conditional score alone prefers the shortest, most common reports whatever the image."""
-  return (np.asarray(scores, np.float64) - np.asarray(unconditional_scores, np.float64)[None]).argmax(axis=1)
+  pmi = np.asarray(scores, np.float64) - np.asarray(unconditional_scores, np.float64)[None]
+  return pmi.argmax(axis=1)
 
 
 def masked_report_scores(trainer, params, inputs, candidate_texts, batch_size: int = 64) -> np.ndarray:

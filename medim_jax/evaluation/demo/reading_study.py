@@ -4,9 +4,9 @@ For each checkpoint of a training run, on the validation split of medim-demo's c
 (180 images): the held-out losses (text / image), the reading probe's AUC per finding (the
 model's masked-report reading, reading_probe.py) and its model-ranked retrieval (image->report
 without sampling), and the macro finding F1 of image->report and report->image sampled with the
-config's sampler, beside the retrieval baseline and chance. One
-sampling of 180 images fixes a macro F1 to about +-0.04 (docs/reading_study.md): ``--draws N``
-samples each checkpoint with N sample seeds and keeps their mean, each draw and the spread. One JSON
+config's sampler, beside the retrieval baseline and chance. One sampling of 180 images fixes a macro
+F1 to about +-0.04 (docs/reading_study.md): ``--draws N`` samples each checkpoint with N sample
+seeds and keeps their mean, each draw and the spread. One JSON
 per run (rewritten atomically after every checkpoint, so a run cut short keeps what it measured,
 and a rerun measures only what is not in it yet: new checkpoints, or the sample seeds a checkpoint
 lacks); ``--plot`` draws the curves of several runs into one PNG.

@@ -86,17 +86,19 @@ def test_more_draws_sample_only_the_seeds_a_row_lacks_and_average_them(tmp_path,
   assert json.loads(out.read_text())["rows"][0]["sample seeds"] == [0, 1, 2, 3]
 
 
-def test_a_row_from_before_the_ranked_retrieval_gets_it_without_sampling_again(tmp_path, monkeypatch):
+def test_a_row_from_before_the_ranked_retrieval_gets_it_without_sampling_again(tmp_path,
+                                                                              monkeypatch):
   from medim_jax.data import build
   from medim_jax.evaluation.demo import reading_probe
   monkeypatch.setattr(build, "build_dataset", lambda config, workdir: None)
   monkeypatch.setattr(reading_study, "sample_and_score",
                       lambda *args: pytest.fail("the row's draw is there: nothing to sample"))
   probed = []
-  monkeypatch.setattr(reading_probe, "probe", lambda config, workdir, step, classifiers: probed.append(
-      (step, classifiers)) or {"model": {"cardiomegaly": 0.7, "opacity": 0.6},
-                               "positives": {"cardiomegaly": 5, "opacity": 16},
-                               "model-ranked retrieval": {"macro F1": 0.15, "F1": {"opacity": 0.3}}})
+  reading = {"model": {"cardiomegaly": 0.7, "opacity": 0.6},
+             "positives": {"cardiomegaly": 5, "opacity": 16},
+             "model-ranked retrieval": {"macro F1": 0.15, "F1": {"opacity": 0.3}}}
+  monkeypatch.setattr(reading_probe, "probe", lambda config, workdir, step, classifiers:
+                      probed.append((step, classifiers)) or reading)
   old = {**fake_row(3000), **fake_draw(0)}
   for key in ("model-ranked retrieval macro F1", "model-ranked retrieval F1"):
     del old[key]

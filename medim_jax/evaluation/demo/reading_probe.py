@@ -57,8 +57,9 @@ def finding_reading_scores(scores, candidate_labels) -> np.ndarray:
 
 def ranked_retrieval(scores, unconditional_scores) -> np.ndarray:
   """(N,) index of the candidate each image raises most: argmax over m of ``scores[n, m] -
-  unconditional_scores[m]``, the pointwise mutual information log p(r | image) - log p(r) under the
-  model. The conditional score alone prefers the shortest, most common reports whatever the image."""
+  unconditional_scores[m]``, the pointwise mutual information log p(r | image) - log p(r) under
+  the model. The conditional score alone prefers the shortest, most common reports, whatever the
+  image."""
   pmi = np.asarray(scores, np.float64) - np.asarray(unconditional_scores, np.float64)[None]
   return pmi.argmax(axis=1)
 

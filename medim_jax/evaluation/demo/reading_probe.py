@@ -226,10 +226,10 @@ def probe(config, workdir: str, dataset_name: str = "chest", seed: int = 0,
 
 
 def print_probe(config, workdir: str, label_steps: int, split: str = "val",
-                step: int | None = None) -> None:
+                step: int | None = None, seed: int = 0) -> None:
   from absl import logging
   logging.set_verbosity(logging.WARNING)  # orbax logs every file operation at INFO
-  result = probe(config, workdir, label_steps=label_steps, step=step, split=split)
+  result = probe(config, workdir, seed=seed, label_steps=label_steps, step=step, split=split)
   findings = list(result["positives"])
   print(f"Reading probe, checkpoint {result['checkpoint']}, {result['images']} {split} images; "
         "AUC per finding (0.5: not read):")
@@ -261,6 +261,7 @@ if __name__ == "__main__":
                                       "config's architecture on the labels for that many steps")
   _SPLIT = flags.DEFINE_enum("split", "val", ["val", "test"], "The images to probe.")
   _STEP = flags.DEFINE_integer("step", None, "The checkpoint (default: the latest).")
+  _SEED = flags.DEFINE_integer("seed", 0, "Seed of the classifiers and of --label_steps' model.")
   flags.mark_flags_as_required(["config", "workdir"])
   app.run(lambda argv: print_probe(_CONFIG.value, _WORKDIR.value, _LABEL_STEPS.value,
-                                   _SPLIT.value, _STEP.value))
+                                   _SPLIT.value, _STEP.value, _SEED.value))

@@ -316,10 +316,9 @@ def clinical_agreement(config, name, dataset_folders, originals, training, gener
   unknown = [f for f in originals.findings if f not in clinical.FINDINGS]
   if unknown:
     return {"unavailable": f"the rule extractor knows {clinical.FINDINGS}, not {unknown}"}
-  columns = [clinical.FINDINGS.index(f) for f in originals.findings]
   findings, true, n = originals.findings, originals.labels, len(originals.labels)
   f1 = lambda predicted: clinical.f1_table(predicted, true, findings)
-  extract = lambda reports: clinical.extract_matrix(reports)[:, columns]
+  extract = lambda reports: clinical.extract_matrix(reports, findings=findings)
   classifier, description = cached_classifier(config, name, dataset_folders, training,
                                                 out_dir)
   result = {"classifier": {"description": description}}

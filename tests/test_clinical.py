@@ -46,6 +46,8 @@ def test_hedged_mentions_count_only_when_asked():
   matrix = clinical.extract_matrix([report, "Cardiomegaly."])
   assert matrix.shape == (2, len(FINDINGS)) and matrix.dtype == bool
   np.testing.assert_array_equal(matrix[1], [f == "cardiomegaly" for f in FINDINGS])
+  chosen = clinical.extract_matrix([report, "Cardiomegaly."], findings=("opacity", "cardiomegaly"))
+  np.testing.assert_array_equal(chosen, [[True, False], [False, True]])
 
 
 def test_f1_table_exact_values_and_zero_support_convention():

@@ -68,13 +68,12 @@ def demo_scorer(config, workdir, dataset, examples):
   out_dir = os.path.join(workdir, "sampler_pareto")
   os.makedirs(out_dir, exist_ok=True)
   classifier, _ = evaluate.cached_classifier(config, "chest", folders, training, out_dir)
-  columns = [clinical.FINDINGS.index(f) for f in originals.findings]
 
   def score(task, tokens):
     text_ids, codes = dataset.layout.split(np.asarray(tokens))
     if task == "image_to_report":
       reports = [dataset.text_tokenizer.decode(ids) for ids in text_ids]
-      predicted = clinical.extract_matrix(reports)[:, columns]
+      predicted = clinical.extract_matrix(reports, findings=originals.findings)
     else:
       predicted = classifier.predict_labels(dataset.image_tokenizer.decode(codes))
     table = clinical.f1_table(predicted, originals.labels, originals.findings)

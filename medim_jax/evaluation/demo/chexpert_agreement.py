@@ -36,7 +36,7 @@ def agreement_tables(reports, labels: np.ndarray) -> dict[str, dict]:
   clinical.FINDINGS order) and against the extractor, over the OVERLAP findings."""
   findings = tuple(OVERLAP)
   columns = [clinical.FINDINGS.index(f) for f in findings]
-  extracted = clinical.extract_matrix(reports)[:, columns]
+  extracted = clinical.extract_matrix(reports, findings=findings)
   truth = np.asarray(labels, bool)[:, columns]
   tables = {}
   for uncertain in ("negative", "positive"):

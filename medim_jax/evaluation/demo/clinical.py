@@ -88,11 +88,12 @@ def extract_findings(report: str, count_hedged: bool = False) -> dict[str, bool]
   return present
 
 
-def extract_matrix(reports: Sequence[str], count_hedged: bool = False) -> np.ndarray:
-  """bool [N, 6] in FINDINGS order."""
+def extract_matrix(reports: Sequence[str], count_hedged: bool = False,
+                   findings: Sequence[str] = FINDINGS) -> np.ndarray:
+  """bool [N, len(findings)], columns in ``findings`` order (each one of FINDINGS)."""
   rows = [extract_findings(r, count_hedged) for r in reports]
-  return np.array([[row[f] for f in FINDINGS] for row in rows], bool).reshape(
-      len(reports), len(FINDINGS))
+  return np.array([[row[f] for f in findings] for row in rows], bool).reshape(
+      len(reports), len(findings))
 
 
 # ---------------------------------------------------------------------------------------------

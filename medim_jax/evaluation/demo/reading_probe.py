@@ -204,13 +204,12 @@ def probe(config, workdir: str, dataset_name: str = "chest", seed: int = 0,
     unconditional = masked_report_scores(trainer, params, nothing_given, candidates)[0]
     features = evaluate.tokenizer_features(dataset.image_tokenizer)[0]
     nearest = clinical.retrieval_baseline(features(val_ref.images), features(train_ref.images))
-    train_findings = clinical.extract_matrix(train_ref.reports)[
-        :, [clinical.FINDINGS.index(f) for f in findings]]
+    train_findings = clinical.extract_matrix(train_ref.reports, findings=findings)
     for name, picked in (("model-ranked retrieval", ranked_retrieval(scores, unconditional)),
                          ("retrieval baseline", nearest)):
       table = clinical.f1_table(train_findings[picked], val_ref.labels, findings)
       result[name] = {"macro F1": table["macro_f1"], "F1": {f: table[f]["f1"] for f in findings},
-                      "distinct reports": len(set(np.asarray(picked).tolist()))}
+                      "distinct reports": len(np.unique(picked))}
   if trainer.model.config.num_findings:
     head = finding_head_scores(trainer, params, val_inputs)
     names = transformer.finding_names(config.model)

@@ -212,8 +212,8 @@ def table(result_files: list[str], labels: list[str] | None = None) -> str:
       auc = " / ".join(f"{r['reading AUC'][f]:.3f}" for f in CURVE_FINDINGS)
       lines.append(f"| {name} | {r['step']:,} | {r['held-out text loss']:.3f} / "
                    f"{r['held-out image loss']:.3f} | {auc} | {_f1_cell(r, 'image->report')} "
-                   f"({r['retrieval macro F1']:.3f}) | {_ranked_cell(r)} | {_f1_cell(r, 'report->image')} "
-                   f"({r['chance macro F1']:.3f}) |")
+                   f"({r['retrieval macro F1']:.3f}) | {_ranked_cell(r)} | "
+                   f"{_f1_cell(r, 'report->image')} ({r['chance macro F1']:.3f}) |")
   return "\n".join(lines)
 
 

@@ -138,6 +138,9 @@ def get_config(arg=None):
   # auxiliary finding loss (diffusion.finding_loss_weight) on the examples whose dataset's
   # labels.jsonl has these findings (medim-demo chest: cardiomegaly, pleural_effusion, ...).
   config.model.finding_names = ""
+  # > 0: residual 3x3 conv layers over the image tokens' grid before the backbone, a spatial prior
+  # for a model trained from scratch on few images (models/image_stem.py; not in the original).
+  config.model.image_conv_layers = 0
 
   # Diffusion: forward process and loss.
   config.diffusion = ml_collections.ConfigDict()
@@ -166,7 +169,8 @@ def get_config(arg=None):
   # axes do not divide is replicated (e.g. one KV head over tensor=2).
   config.mesh.rules = ml_collections.ConfigDict(dict(
       vocab="", embed="fsdp", mlp="tensor", heads="tensor", kv_heads="tensor", head_dim="",
-      norm="", adaln_chunk="", embed_out="", time_freq="", segment="", length="", layers=""))
+      norm="", adaln_chunk="", embed_out="", time_freq="", segment="", length="", layers="",
+      conv_window=""))
 
   # Optimisation.
   config.train = ml_collections.ConfigDict()

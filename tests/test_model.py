@@ -213,3 +213,37 @@ def test_scan_over_layers_computes_what_the_layer_loop_does():
   got = nnx.merge(graphdef, stacked)(tokens, sigma)
   np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-5, atol=1e-5)
 
+
+
+def _stem_model(num_layers):
+  cfg = helpers.tiny_config(image_conv_layers=num_layers,
+                            image_segment=(helpers.LAYOUT.text_length, helpers.LAYOUT.image_length))
+  return transformer.MeDiMTransformer(cfg, rngs=nnx.Rngs(0))
+
+
+def test_image_stem_mixes_each_image_position_with_its_grid_neighbours_only():
+  model, text_length = _stem_model(1), helpers.LAYOUT.text_length
+  tokens = helpers.random_tokens(np.random.default_rng(0), 1)
+  changed = np.array(tokens)
+  changed[0, text_length] = (changed[0, text_length] + 1) % helpers.LAYOUT.vocab_size
+  moved = np.abs(np.asarray(model._embed_tokens(changed) - model._embed_tokens(tokens))).max(-1)[0]
+  assert not moved[:text_length].any()               # the report is not touched
+  grid = moved[text_length:].reshape(3, 3)           # image code (0, 0) of the 3 x 3 grid changed
+  assert grid[:2, :2].all() and not grid[2].any() and not grid[:, 2].any()
+  two_layers = np.abs(np.asarray(_stem_model(2)._embed_tokens(changed)
+                                 - _stem_model(2)._embed_tokens(tokens))).max(-1)[0]
+  assert two_layers[text_length:].all()              # two 3x3 layers reach across the 3 x 3 grid
+
+
+def test_image_stem_keeps_the_condition_cache_exact_and_refuses_a_cut_image():
+  model = _stem_model(2)
+  tokens, sigma = helpers.random_tokens(np.random.default_rng(1), 2), jnp.asarray([0.4, 3.0])
+  for query in ((0, helpers.LAYOUT.text_length), (helpers.LAYOUT.text_length, helpers.LAYOUT.seq_length)):
+    hidden, context = model.hidden_and_context(tokens, sigma, query)
+    np.testing.assert_allclose(np.asarray(model.query_hidden(tokens, sigma, query, context)),
+                               np.asarray(hidden[:, query[0]:query[1]]), rtol=1e-5, atol=1e-5)
+  with pytest.raises(ValueError, match="cut the image segment"):
+    model._embed_tokens(tokens[:, 6:], 6)
+  with pytest.raises(ValueError, match="square token grid"):
+    transformer.MeDiMTransformer(helpers.tiny_config(image_conv_layers=1, image_segment=(5, 8)),
+                                 rngs=nnx.Rngs(0))

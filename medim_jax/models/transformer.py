@@ -14,7 +14,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from medim_jax.models import attention, conditioning, layers
+from medim_jax.models import attention, conditioning, image_stem, layers
 
 # xla: models/attention.py, einsums with f32 softmax and a hand-written backward (any backend);
 # jax_dot_product: jax.nn.dot_product_attention, which picks cuDNN flash attention on GPU where it
@@ -64,6 +64,10 @@ class TransformerConfig:
   # > 0 adds a finding head: that many logits per position from the final hidden states, trained
   # by the auxiliary finding loss (diffusion/loss.py) where the data has labels. Not in the original.
   num_findings: int = 0
+  # > 0: that many residual 3x3 conv layers over the image segment's token grid before the blocks
+  # (models/image_stem.py). ``image_segment`` (start, length): where the image is in the tokens.
+  image_conv_layers: int = 0
+  image_segment: tuple[int, int] = ()
 
   def __post_init__(self):
     if self.num_heads % self.num_kv_heads:
@@ -76,17 +80,20 @@ class TransformerConfig:
                        f"{self.remat_policy!r}")
     if self.attention_impl not in ATTENTION_IMPLS:
       raise ValueError(f"attention_impl must be one of {ATTENTION_IMPLS}, got {self.attention_impl!r}")
+    if self.image_conv_layers and len(self.image_segment) != 2:
+      raise ValueError("image_conv_layers > 0 needs image_segment (start, length) of the image tokens")
 
   @classmethod
   def from_config(cls, model_config, vocab_size: int,
                   segment_lengths: tuple[int, ...]) -> "TransformerConfig":
-    derived = {"vocab_size", "segment_lengths", "learned_positions", "num_findings"}
+    derived = {"vocab_size", "segment_lengths", "learned_positions", "num_findings", "image_segment"}
     fields = {f.name for f in dataclasses.fields(cls)} - derived
     segments = tuple(segment_lengths) if model_config.segment_markers else ()
     length = sum(segment_lengths) + len(segments)
     return cls(vocab_size=vocab_size, segment_lengths=segments,
                learned_positions=length if model_config.learned_position_embedding else 0,
                num_findings=len(finding_names(model_config)),
+               image_segment=(sum(segment_lengths[:-1]), segment_lengths[-1]),
                **{k: model_config[k] for k in fields if k in model_config})
 
   @property
@@ -206,6 +213,9 @@ class MeDiMTransformer(nnx.Module):
                                         ("embed", "vocab")))
     self.finding_head = (layers.normal_param(rngs, (cfg.d_model, cfg.num_findings), cfg.init_std,
                                              ("embed", "findings")) if cfg.num_findings else None)
+    self.image_stem = (image_stem.ImageConvStem(cfg.image_conv_layers, cfg.image_segment[1],
+                                                cfg.d_model, cfg.norm_eps, cfg.init_std, rngs=rngs)
+                       if cfg.image_conv_layers else None)
 
   def embed(self, tokens: jax.Array) -> jax.Array:
     dtype = self.cfg.compute_dtype
@@ -297,7 +307,7 @@ class MeDiMTransformer(nnx.Module):
     dtype = self.cfg.compute_dtype
     start, stop = self._sequence_range(query)
     cond = self.time_embedder(sigma, dtype)
-    x = self.embed(tokens[:, query[0]:query[1]])
+    x = self._embed_tokens(tokens[:, query[0]:query[1]], query[0])
     if self.positions is not None:
       x = x + self._position_embedding(start, stop)
     x, _ = self._run_blocks(x, cond, jnp.arange(start, stop), None, context=context)
@@ -318,9 +328,26 @@ class MeDiMTransformer(nnx.Module):
                        f"{self.cfg.segment_lengths}")
     return start, stop
 
+  def _embed_tokens(self, tokens: jax.Array, start: int = 0) -> jax.Array:
+    """Embeddings of ``tokens`` (B, n), the token range [start, start + n) of a row, through the
+    image stem where the range holds the image; a range that cuts the image is refused."""
+    x = self.embed(tokens)
+    if self.image_stem is None:
+      return x
+    image_start, image_length = self.cfg.image_segment
+    stop, image_stop = start + tokens.shape[1], image_start + image_length
+    if stop <= image_start or start >= image_stop:
+      return x
+    if start > image_start or stop < image_stop:
+      raise ValueError(f"tokens [{start}, {stop}) cut the image segment [{image_start}, "
+                       f"{image_stop}), which the image stem needs whole")
+    lo, hi = image_start - start, image_stop - start
+    image = self.image_stem(x[:, lo:hi], self.cfg.compute_dtype)
+    return jnp.concatenate([x[:, :lo], image, x[:, hi:]], axis=1)
+
   def _embed_sequence(self, tokens, key_mask):
     """Token embeddings with the segment markers and learned positions: (x, positions, key_mask)."""
-    x = self.embed(tokens)
+    x = self._embed_tokens(tokens)
     if self.markers is not None:
       x, key_mask = self._insert_markers(x, key_mask)
     positions = jnp.arange(x.shape[1])

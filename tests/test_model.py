@@ -11,7 +11,7 @@ import pytest
 from flax import nnx
 
 import helpers
-from medim_jax.models import conditioning, transformer
+from medim_jax.models import conditioning, layers, transformer
 from medim_jax.training.train import Model
 
 
@@ -247,3 +247,45 @@ def test_image_stem_keeps_the_condition_cache_exact_and_refuses_a_cut_image():
   with pytest.raises(ValueError, match="square token grid"):
     transformer.MeDiMTransformer(helpers.tiny_config(image_conv_layers=1, image_segment=(5, 8)),
                                  rngs=nnx.Rngs(0))
+
+
+@pytest.mark.parametrize("transpose_b", [False, True])
+def test_low_precision_matmul_accumulates_in_float32_both_ways(transpose_b):
+  rng = np.random.default_rng(0)
+  a = jnp.asarray(rng.standard_normal((6, 40)), jnp.bfloat16)
+  b = jnp.asarray(rng.standard_normal((5, 40) if transpose_b else (40, 5)), jnp.bfloat16)
+  weights = jnp.asarray(rng.standard_normal((6, 5)), jnp.float32)
+
+  def exact(a, b):  # the same products in float32 throughout
+    a, b = a.astype(jnp.float32), b.astype(jnp.float32)
+    return a @ (b.T if transpose_b else b)
+
+  def loss(matmul):
+    return lambda a, b: jnp.sum(matmul(a, b).astype(jnp.float32) * weights)
+
+  out = layers.matmul_f32_accumulate(a, b, transpose_b, jnp.float32)
+  np.testing.assert_allclose(np.asarray(out), np.asarray(exact(a, b)), rtol=1e-6, atol=1e-5)
+  got = jax.grad(loss(lambda a, b: layers.matmul_f32_accumulate(a, b, transpose_b, jnp.float32)),
+                 argnums=(0, 1))(a, b)
+  want = jax.grad(loss(exact), argnums=(0, 1))(a, b)
+  for g, w, primal in zip(got, want, (a, b)):
+    assert g.dtype == primal.dtype and g.shape == primal.shape
+    np.testing.assert_allclose(np.asarray(g, np.float32), np.asarray(w), rtol=1e-2, atol=1e-2)
+  # Every matmul of the pass and its gradient multiplies bfloat16 by bfloat16 into float32 (the
+  # form that runs on a CPU's bf16 units); autodiff alone would give float32 x bfloat16.
+  jaxpr = jax.make_jaxpr(jax.grad(loss(lambda a, b: layers.matmul_f32_accumulate(
+      a, b, transpose_b, jnp.bfloat16)), argnums=(0, 1)))(a, b)
+  dots = [e for e in _all_equations(jaxpr.jaxpr) if e.primitive.name == "dot_general"]
+  assert len(dots) == 3
+  for eqn in dots:
+    assert [v.aval.dtype for v in eqn.invars] == [jnp.bfloat16] * 2
+    assert eqn.params["preferred_element_type"] == jnp.float32
+
+
+def _all_equations(jaxpr):
+  for eqn in jaxpr.eqns:
+    yield eqn
+    for param in eqn.params.values():
+      inner = getattr(param, "jaxpr", None)
+      if inner is not None and hasattr(inner, "eqns"):
+        yield from _all_equations(inner)

@@ -66,14 +66,14 @@ def measure_matmul_peak(dtype: str, repeats: int) -> dict:
   return {"n": n, "dtype": dtype, **stats, "tflops": 2 * n ** 3 / stats["median_s"] / 1e12}
 
 
-def torch_matmul_peak(repeats: int) -> dict:
-  """The same matmul in torch (float32): how fast the baseline's own BLAS is on this CPU."""
+def torch_matmul_peak(repeats: int, dtype: str = "float32") -> dict:
+  """The same matmul in torch: how fast the baseline's own BLAS is on this CPU."""
   import torch
   n = 2048
-  a, b = torch.randn(n, n), torch.randn(n, n)
+  a, b = (torch.randn(n, n).to(getattr(torch, dtype)) for _ in range(2))
   a @ b
   stats = summary(time_calls(lambda: a @ b, repeats))
-  return {"n": n, "dtype": "float32", **stats, "tflops": 2 * n ** 3 / stats["median_s"] / 1e12}
+  return {"n": n, "dtype": dtype, **stats, "tflops": 2 * n ** 3 / stats["median_s"] / 1e12}
 
 
 def known_peak_tflops() -> float | None:

@@ -7,6 +7,7 @@ mesh axes when the model is sharded.
 
 from __future__ import annotations
 
+import functools
 import math
 
 import jax
@@ -25,8 +26,50 @@ def contract(x: jax.Array, w: jax.Array, axes: int = 1) -> jax.Array:
   if tuple(w.shape[:axes]) != tuple(inner):
     raise ValueError(f"cannot contract {x.shape} with {w.shape} over {axes} axes")
   outer = w.shape[axes:]
-  flat = jnp.dot(x.reshape(-1, math.prod(inner)), w.reshape(math.prod(inner), -1))
+  x2d, w2d = x.reshape(-1, math.prod(inner)), w.reshape(math.prod(inner), -1)
+  if is_low_precision(x.dtype) and w.dtype == x.dtype:
+    flat = matmul_f32_accumulate(x2d, w2d, False, x.dtype)
+  else:
+    flat = jnp.dot(x2d, w2d)
   return flat.reshape(*x.shape[:x.ndim - axes], *outer)
+
+
+def is_low_precision(dtype) -> bool:
+  return jnp.dtype(dtype) in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
+
+
+def _dot(a, b, contract_a: int, contract_b: int) -> jax.Array:
+  return jax.lax.dot_general(a, b, (((contract_a,), (contract_b,)), ((), ())),
+                             preferred_element_type=jnp.float32)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
+def matmul_f32_accumulate(a: jax.Array, b: jax.Array, transpose_b: bool, out_dtype) -> jax.Array:
+  """``a @ b`` (a (M, K), b (K, N); or ``a @ b.T`` for b (N, K) with ``transpose_b``) of bfloat16
+  or float16 operands, accumulated and returned in float32, then cast to ``out_dtype``; the
+  backward pass's two matmuls likewise (autodiff would give them a float32 cotangent against a
+  bfloat16 operand). XLA:CPU runs a low-precision dot with float32 output on the CPU's bf16 units
+  (AMX, AVX512-BF16), 4-6x the float32 matmul rate on a Sapphire Rapids core, while a dot with
+  bfloat16 output is slower than float32 there (BENCHMARKS.md); a GPU accumulates in float32
+  either way, so the numbers are those of a plain bfloat16 dot."""
+  return _dot(a, b, 1, 1 if transpose_b else 0).astype(out_dtype)
+
+
+def _matmul_fwd(a, b, transpose_b, out_dtype):
+  return matmul_f32_accumulate(a, b, transpose_b, out_dtype), (a, b)
+
+
+def _matmul_bwd(transpose_b, out_dtype, residuals, g):
+  a, b = residuals
+  g = g.astype(a.dtype)
+  if transpose_b:  # y = a b^T: da = g b, db = g^T a
+    da, db = _dot(g, b, 1, 0), _dot(g, a, 0, 0)
+  else:            # y = a b: da = g b^T, db = a^T g
+    da, db = _dot(g, b, 1, 1), _dot(a, g, 0, 0)
+  return da.astype(a.dtype), db.astype(b.dtype)
+
+
+matmul_f32_accumulate.defvjp(_matmul_fwd, _matmul_bwd)
 
 
 def normal_param(rngs: nnx.Rngs, shape, std: float, logical_axes) -> nnx.Param:

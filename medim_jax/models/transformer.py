@@ -258,10 +258,14 @@ class MeDiMTransformer(nnx.Module):
     if self.lm_head is None:
       # Against the (V, d) embedding as stored: no transposed copy of it, nor of the
       # (tokens, V) logits gradient in the backward pass.
-      out = jax.lax.dot_general(flat, self.embedding[...][lo:hi].astype(dtype), (((1,), (1,)), ((), ())),
-                                preferred_element_type=jnp.float32)
+      weight, transpose = self.embedding[...][lo:hi].astype(dtype), True
     else:
-      out = jnp.dot(flat, self.lm_head[...][:, lo:hi].astype(dtype), preferred_element_type=jnp.float32)
+      weight, transpose = self.lm_head[...][:, lo:hi].astype(dtype), False
+    if layers.is_low_precision(dtype):
+      out = layers.matmul_f32_accumulate(flat, weight, transpose, jnp.float32)
+    else:
+      out = jax.lax.dot_general(flat, weight, (((1,), (1 if transpose else 0,)), ((), ())),
+                                preferred_element_type=jnp.float32)
     return out.reshape(*hidden.shape[:-1], out.shape[-1])
 
   def findings(self, hidden: jax.Array) -> jax.Array:

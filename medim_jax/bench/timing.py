@@ -3,6 +3,7 @@ twin (bench/torch_twin.py) on the same batch."""
 
 from __future__ import annotations
 
+import functools
 import os
 import platform
 import statistics
@@ -14,7 +15,7 @@ import jax.numpy as jnp
 from medim_jax.bench.shapes import Shape, forward_flops
 from medim_jax.bench.shapes import model_config, random_batch, train_step_flops
 from medim_jax.evaluation import card
-from medim_jax.models import transformer
+from medim_jax.models import layers, transformer
 from medim_jax.training import train
 
 # Dense bf16 peaks (TFLOP/s, no sparsity) by a substring of jax's device_kind.
@@ -60,7 +61,10 @@ def measure_matmul_peak(dtype: str, repeats: int) -> dict:
   n = 2048 if on_cpu() else 8192
   a = jax.random.normal(jax.random.PRNGKey(0), (n, n), jnp.dtype(dtype))
   b = jax.random.normal(jax.random.PRNGKey(1), (n, n), jnp.dtype(dtype))
-  matmul = jax.jit(jnp.dot)
+  # A low-precision peak is the rate of the form the model uses (models/layers.py: float32
+  # accumulation and output), which on XLA:CPU is the one that runs on the CPU's bf16 units.
+  accumulate = jnp.float32 if layers.is_low_precision(dtype) else None
+  matmul = jax.jit(functools.partial(jnp.dot, preferred_element_type=accumulate))
   matmul(a, b).block_until_ready()
   stats = summary(time_calls(lambda: matmul(a, b).block_until_ready(), repeats))
   return {"n": n, "dtype": dtype, **stats, "tflops": 2 * n ** 3 / stats["median_s"] / 1e12}

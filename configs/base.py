@@ -125,6 +125,9 @@ def get_config(arg=None):
   # (models/code_embedding.py; not with pretrained_dir, whose embeddings are learned already).
   config.model.image_embedding_init = "random"
   config.model.dtype = "float32"        # compute dtype; params and optimizer state stay float32
+  # "" = dtype; "float32" with dtype bfloat16: bfloat16 matmul operands only, the residual stream and
+  # elementwise work in float32 (faster on a CPU with AMX / AVX512-BF16: BENCHMARKS.md).
+  config.model.activation_dtype = ""
   config.model.attention_impl = "xla"   # xla (einsum, f32 softmax) | jax_dot_product (cuDNN on GPU) | splash (TPU)
   config.model.remat_policy = "none"   # none | full | dots | dots_no_batch: recompute in backward
   config.model.scan_layers = False     # one compiled block scanned over stacked layer weights

@@ -289,3 +289,27 @@ def _all_equations(jaxpr):
       inner = getattr(param, "jaxpr", None)
       if inner is not None and hasattr(inner, "eqns"):
         yield from _all_equations(inner)
+
+
+def test_float32_activations_keep_the_residual_stream_float32_and_only_matmuls_bfloat16():
+  rng = np.random.default_rng(2)
+  tokens, sigma = jnp.asarray(helpers.random_tokens(rng, 2)), jnp.asarray([0.5, 2.0])
+  models = {name: transformer.MeDiMTransformer(helpers.tiny_config(**kw), rngs=nnx.Rngs(0))
+            for name, kw in (("float32", {}), ("bfloat16", dict(dtype="bfloat16")),
+                             ("mixed", dict(dtype="bfloat16", activation_dtype="float32")))}
+  hidden = {name: model.hidden(tokens, sigma) for name, model in models.items()}
+  assert hidden["mixed"].dtype == jnp.float32 and hidden["bfloat16"].dtype == jnp.bfloat16
+  exact = np.asarray(hidden["float32"])
+  mixed_error = np.abs(np.asarray(hidden["mixed"]) - exact).max()
+  bf16_error = np.abs(np.asarray(hidden["bfloat16"], np.float32) - exact).max()
+  assert 0 < mixed_error < bf16_error  # rounded at the matmuls only, so closer to float32
+  graphdef, state = nnx.split(models["mixed"])
+  params = nnx.to_pure_dict(state)
+  loss = lambda p: jnp.sum(nnx.merge(graphdef, p)(tokens, sigma) ** 2)
+  # Every token-level matmul (2-D: projections, MLP, head; forward and backward) in bfloat16; the
+  # per-example AdaLN projection (a 3-D kernel) stays in the activations' dtype.
+  dots = [e for e in _all_equations(jax.make_jaxpr(jax.grad(loss))(params).jaxpr)
+          if e.primitive.name == "dot_general" and all(v.aval.ndim == 2 for v in e.invars)]
+  assert len(dots) > 20 and all([v.aval.dtype for v in e.invars] == [jnp.bfloat16] * 2 for e in dots)
+  with pytest.raises(ValueError, match="activation_dtype"):
+    helpers.tiny_config(activation_dtype="float64")

@@ -105,6 +105,9 @@ def parse_args(argv=None) -> argparse.Namespace:
   parser.add_argument("--batch_size", type=int, default=None, help="train batch (default: config's)")
   parser.add_argument("--dtype", default=None, choices=("float32", "bfloat16"),
                       help="compute dtype (default: float32 on CPU, bfloat16 elsewhere)")
+  parser.add_argument("--activation_dtype", default="", choices=("", "float32", "bfloat16"),
+                      help="config.model.activation_dtype ('' = --dtype): float32 with --dtype "
+                           "bfloat16 keeps only the matmul operands in bfloat16")
   parser.add_argument("--attention_impl", default=None, choices=transformer.ATTENTION_IMPLS,
                       help="config.model.attention_impl (default: the config's)")
   parser.add_argument("--remat_policy", default=None,
@@ -175,7 +178,8 @@ def main(argv=None) -> dict:
     print_peak(results["peak"])
     peak_tflops = peak_tflops or results["peak"]["jax"]["tflops"]
   results["peak_tflops_for_fraction"] = peak_tflops
-  model_overrides = dict(dtype=args.dtype, attention_impl=args.attention_impl,
+  model_overrides = dict(dtype=args.dtype, activation_dtype=args.activation_dtype,
+                         attention_impl=args.attention_impl,
                          remat_policy=args.remat_policy)
 
   if "train" in args.what or "torch" in args.what:

@@ -80,6 +80,12 @@ def torch_matmul_peak(repeats: int, dtype: str = "float32") -> dict:
   return {"n": n, "dtype": dtype, **stats, "tflops": 2 * n ** 3 / stats["median_s"] / 1e12}
 
 
+def dtype_label(model_config) -> str:
+  """"bfloat16", or "bfloat16, float32 activations" where the residual stream's dtype differs."""
+  activations = model_config.get("activation_dtype", "") or model_config.dtype
+  return model_config.dtype + ("" if activations == model_config.dtype else f", {activations} activations")
+
+
 def known_peak_tflops() -> float | None:
   kind = jax.devices()[0].device_kind
   return next((peak for name, peak in KNOWN_PEAK_TFLOPS.items() if name in kind), None)
@@ -132,7 +138,7 @@ def bench_train(shape: Shape, with_torch: bool, rounds: int, steps: int | None, 
   times = time_alternating(frameworks, rounds, steps, warmup, f"{shape.name} train step")
 
   result = {"shape": shape.name, "note": shape.note, "batch_size": batch_size, "seq_length": length,
-            "dtype": shape.config.model.dtype, "model_flops_per_step": flops,
+            "dtype": dtype_label(shape.config.model), "model_flops_per_step": flops,
             "forward_flops_by_part": forward_flops(model_config(shape), batch_size, length),
             "jax_compile_s": compile_s, "peak_tflops": peak_tflops}
   for name, step in frameworks.items():

@@ -35,10 +35,11 @@ class StemLayer(nnx.Module):
     self.out = layers.Dense(d_model, d_model, ("embed_out", "embed"), init_std, rngs=rngs)
 
   def __call__(self, grid: jax.Array, dtype) -> jax.Array:
-    """grid (B, side, side, d) -> the same shape."""
+    """grid (B, side, side, d) -> the same shape and dtype; ``dtype``: the matmul operands'."""
     mixed = jax.lax.conv_general_dilated(
         self.norm(grid).astype(dtype), self.conv[...].astype(dtype), window_strides=(1, 1),
-        padding="SAME", dimension_numbers=("NHWC", "HWIO", "NHWC"))
+        padding="SAME", dimension_numbers=("NHWC", "HWIO", "NHWC"),
+        preferred_element_type=jnp.float32).astype(grid.dtype)
     return grid + self.out(jax.nn.gelu(mixed, approximate=True), dtype)
 
 

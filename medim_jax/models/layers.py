@@ -18,7 +18,8 @@ from flax import nnx
 def contract(x: jax.Array, w: jax.Array, axes: int = 1) -> jax.Array:
   """Contract the last ``axes`` axes of x with the first ``axes`` of w, as one 2-D matmul.
 
-  x (..., *in) and w (*in, *out) -> (..., *out). Flattening the leading axes first matters on
+  x (..., *in) and w (*in, *out) -> (..., *out) in x's dtype; a bfloat16 / float16 w makes the
+  matmul one of w's dtype accumulated in float32 (``matmul_f32_accumulate``). Flattening the leading axes first matters on
   XLA:CPU: the weight gradient of a 3-D ``x @ w`` contracts over (batch, length) and XLA
   materialises a transposed copy of both operands for it, where the 2-D form needs none.
   """
@@ -27,7 +28,7 @@ def contract(x: jax.Array, w: jax.Array, axes: int = 1) -> jax.Array:
     raise ValueError(f"cannot contract {x.shape} with {w.shape} over {axes} axes")
   outer = w.shape[axes:]
   x2d, w2d = x.reshape(-1, math.prod(inner)), w.reshape(math.prod(inner), -1)
-  if is_low_precision(x.dtype) and w.dtype == x.dtype:
+  if is_low_precision(w.dtype):  # x's dtype is the activations' (float32 or w's): so is the result
     flat = matmul_f32_accumulate(x2d, w2d, False, x.dtype)
   else:
     flat = jnp.dot(x2d, w2d)
@@ -45,28 +46,32 @@ def _dot(a, b, contract_a: int, contract_b: int) -> jax.Array:
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
 def matmul_f32_accumulate(a: jax.Array, b: jax.Array, transpose_b: bool, out_dtype) -> jax.Array:
-  """``a @ b`` (a (M, K), b (K, N); or ``a @ b.T`` for b (N, K) with ``transpose_b``) of bfloat16
-  or float16 operands, accumulated and returned in float32, then cast to ``out_dtype``; the
-  backward pass's two matmuls likewise (autodiff would give them a float32 cotangent against a
-  bfloat16 operand). XLA:CPU runs a low-precision dot with float32 output on the CPU's bf16 units
-  (AMX, AVX512-BF16), 4-6x the float32 matmul rate on a Sapphire Rapids core, while a dot with
-  bfloat16 output is slower than float32 there (BENCHMARKS.md); a GPU accumulates in float32
-  either way, so the numbers are those of a plain bfloat16 dot."""
-  return _dot(a, b, 1, 1 if transpose_b else 0).astype(out_dtype)
+  """``a @ b`` (a (M, K), b (K, N); or ``a @ b.T`` for b (N, K) with ``transpose_b``) for a
+  bfloat16 or float16 ``b``: ``a`` is cast to b's dtype, the product accumulated and returned in
+  float32, then cast to ``out_dtype``; the backward pass's two matmuls likewise, and a's gradient
+  comes back in a's own dtype (a float32 residual stream is not rounded on the way back).
+  Autodiff alone would give the backward a float32 cotangent against a bfloat16 operand. XLA:CPU
+  runs a low-precision dot with float32 output on the CPU's bf16 units (AMX, AVX512-BF16), 4-6x
+  the float32 matmul rate on a Sapphire Rapids core, while a dot with bfloat16 output is slower
+  than float32 there (BENCHMARKS.md); a GPU accumulates in float32 either way, so the numbers are
+  those of a plain bfloat16 dot."""
+  return _dot(a.astype(b.dtype), b, 1, 1 if transpose_b else 0).astype(out_dtype)
 
 
 def _matmul_fwd(a, b, transpose_b, out_dtype):
-  return matmul_f32_accumulate(a, b, transpose_b, out_dtype), (a, b)
+  low = a.astype(b.dtype)
+  # The zero-size array carries a's dtype to the backward pass (residuals must be arrays).
+  return _dot(low, b, 1, 1 if transpose_b else 0).astype(out_dtype), (low, b, jnp.zeros(0, a.dtype))
 
 
 def _matmul_bwd(transpose_b, out_dtype, residuals, g):
-  a, b = residuals
-  g = g.astype(a.dtype)
+  a, b, a_dtype = residuals
+  g = g.astype(b.dtype)
   if transpose_b:  # y = a b^T: da = g b, db = g^T a
     da, db = _dot(g, b, 1, 0), _dot(g, a, 0, 0)
   else:            # y = a b: da = g b^T, db = a^T g
     da, db = _dot(g, b, 1, 1), _dot(a, g, 0, 0)
-  return da.astype(a.dtype), db.astype(b.dtype)
+  return da.astype(a_dtype.dtype), db.astype(b.dtype)
 
 
 matmul_f32_accumulate.defvjp(_matmul_fwd, _matmul_bwd)
@@ -87,9 +92,10 @@ class Dense(nnx.Module):
                  if use_bias else None)
 
   def __call__(self, x: jax.Array, dtype) -> jax.Array:
-    y = contract(x.astype(dtype), self.kernel[...].astype(dtype))
+    """x @ W with W in the matmul ``dtype``; the result in x's dtype (the activations')."""
+    y = contract(x, self.kernel[...].astype(dtype))
     if self.bias is not None:
-      y = y + self.bias[...].astype(dtype)
+      y = y + self.bias[...].astype(y.dtype)
     return y
 
 

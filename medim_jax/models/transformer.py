@@ -48,6 +48,10 @@ class TransformerConfig:
   adaln_gate_init: str = "zero"
   init_std: float = 0.02
   dtype: str = "float32"
+  # The residual stream's and the elementwise work's dtype ("" = dtype): "float32" with a bfloat16
+  # dtype keeps only the matmul operands in bfloat16 (faster on a CPU, whose bfloat16 elementwise
+  # work is converted to float32 and back; on an accelerator it doubles the activations' memory).
+  activation_dtype: str = ""
   attention_impl: str = "xla"
   remat_policy: str = "none"
   # One block traced and compiled once, run num_layers times by lax.scan over stacked weights
@@ -75,6 +79,9 @@ class TransformerConfig:
                        f"({self.num_kv_heads})")
     if self.dtype not in _DTYPES:
       raise ValueError(f"model dtype must be one of {sorted(_DTYPES)}, got {self.dtype!r}")
+    if self.activation_dtype not in ("", *_DTYPES):
+      raise ValueError(f"model activation_dtype must be '' (the dtype) or one of {sorted(_DTYPES)}, "
+                       f"got {self.activation_dtype!r}")
     if self.remat_policy != "none" and self.remat_policy not in REMAT_POLICIES:
       raise ValueError(f"remat_policy must be 'none' or one of {sorted(REMAT_POLICIES)}, got "
                        f"{self.remat_policy!r}")
@@ -98,7 +105,13 @@ class TransformerConfig:
 
   @property
   def compute_dtype(self):
+    """The matmul operands' dtype."""
     return _DTYPES[self.dtype]
+
+  @property
+  def activations(self):
+    """The residual stream's dtype."""
+    return _DTYPES[self.activation_dtype or self.dtype]
 
 
 class Attention(nnx.Module):
@@ -121,7 +134,7 @@ class Attention(nnx.Module):
     positions outside x, already rotated, attended beside x's own (the sampler's condition cache;
     no key mask then)."""
     cfg, dtype = self.cfg, self.cfg.compute_dtype
-    q = layers.contract(x, self.q[...].astype(dtype))
+    q = layers.contract(x, self.q[...].astype(dtype))  # q, k, v in the activations' dtype
     k = layers.contract(x, self.k[...].astype(dtype))
     v = layers.contract(x, self.v[...].astype(dtype))
     q = layers.rotary_embedding(q, positions, cfg.rope_base)
@@ -130,8 +143,9 @@ class Attention(nnx.Module):
     if context is not None:
       if key_mask is not None:
         raise ValueError("attention with a context of cached keys takes no key mask")
-      k = jnp.concatenate([context[0].astype(dtype), k], axis=1)
-      v = jnp.concatenate([context[1].astype(dtype), v], axis=1)
+      k = jnp.concatenate([context[0].astype(k.dtype), k], axis=1)
+      v = jnp.concatenate([context[1].astype(v.dtype), v], axis=1)
+    q, k, v = (a.astype(dtype) for a in (q, k, v))  # the kernel's matmuls in the compute dtype
     if cfg.attention_impl == "jax_dot_product":
       mask = None if key_mask is None else key_mask[:, None, None, :]
       out = jax.nn.dot_product_attention(q, k, v, mask=mask)
@@ -140,7 +154,7 @@ class Attention(nnx.Module):
       out = splash.splash_attention(q, k, v, key_mask)
     else:
       out = attention.attention(q, k, v, key_mask)
-    return layers.contract(out, self.o[...].astype(dtype), axes=2), own
+    return layers.contract(out.astype(x.dtype), self.o[...].astype(dtype), axes=2), own
 
 
 class GeGLU(nnx.Module):
@@ -171,12 +185,11 @@ class Block(nnx.Module):
 
   def run(self, x, cond, positions, key_mask, context=None):
     """(output, (k, v) of x's positions); ``context`` as in ``Attention.attend``."""
-    dtype = self.cfg.compute_dtype
-    shift_a, scale_a, gate_a, shift_m, scale_m, gate_m = self.adaln(cond, dtype)
+    shift_a, scale_a, gate_a, shift_m, scale_m, gate_m = self.adaln(cond, self.cfg.activations)
     attended, kv = self.attn.attend(self.attn_norm(x) * (1 + scale_a) + shift_a, positions, key_mask,
                                     context)
     h = x + gate_a * attended
-    return h + gate_m * self.mlp(self.mlp_norm(h) * (1 + scale_m) + shift_m, dtype), kv
+    return h + gate_m * self.mlp(self.mlp_norm(h) * (1 + scale_m) + shift_m, self.cfg.compute_dtype), kv
 
 
 def finding_names(model_config) -> tuple[str, ...]:
@@ -218,7 +231,7 @@ class MeDiMTransformer(nnx.Module):
                        if cfg.image_conv_layers else None)
 
   def embed(self, tokens: jax.Array) -> jax.Array:
-    dtype = self.cfg.compute_dtype
+    dtype = self.cfg.activations
     x = jnp.take(self.embedding[...], tokens, axis=0).astype(dtype)
     return x * jnp.asarray(math.sqrt(self.cfg.d_model), dtype)
 
@@ -277,7 +290,7 @@ class MeDiMTransformer(nnx.Module):
   def hidden(self, tokens: jax.Array, sigma: jax.Array,
              key_mask: jax.Array | None = None) -> jax.Array:
     """The final-normed hidden states (B, L, d_model) both heads read."""
-    cond = self.time_embedder(sigma, self.cfg.compute_dtype)
+    cond = self.time_embedder(sigma, self.cfg.compute_dtype)  # in float32 (the sinusoid's dtype)
     x, positions, key_mask = self._embed_sequence(tokens, key_mask)
     x, _ = self._run_blocks(x, cond, positions, key_mask)
     if self.markers is not None:
@@ -365,7 +378,7 @@ class MeDiMTransformer(nnx.Module):
   def _position_embedding(self, start: int, stop: int) -> jax.Array:
     """The learned position embedding of sequence positions [start, stop), (1, stop - start, d)."""
     scaled = self.positions[...][start:stop] * math.sqrt(self.cfg.d_model)
-    return scaled.astype(self.cfg.compute_dtype)[None]
+    return scaled.astype(self.cfg.activations)[None]
 
   def _run_blocks(self, x, cond, positions, key_mask, context=None, keep=None):
     """The blocks over x: (x, what ``keep`` takes of each layer's (k, v), stacked over layers, or

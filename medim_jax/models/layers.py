@@ -19,9 +19,10 @@ def contract(x: jax.Array, w: jax.Array, axes: int = 1) -> jax.Array:
   """Contract the last ``axes`` axes of x with the first ``axes`` of w, as one 2-D matmul.
 
   x (..., *in) and w (*in, *out) -> (..., *out) in x's dtype; a bfloat16 / float16 w makes the
-  matmul one of w's dtype accumulated in float32 (``matmul_f32_accumulate``). Flattening the leading axes first matters on
-  XLA:CPU: the weight gradient of a 3-D ``x @ w`` contracts over (batch, length) and XLA
-  materialises a transposed copy of both operands for it, where the 2-D form needs none.
+  matmul one of w's dtype accumulated in float32 (``matmul_f32_accumulate``). Flattening the
+  leading axes first matters on XLA:CPU: the weight gradient of a 3-D ``x @ w`` contracts over
+  (batch, length) and XLA materialises a transposed copy of both operands for it, where the 2-D
+  form needs none.
   """
   inner = x.shape[x.ndim - axes:]
   if tuple(w.shape[:axes]) != tuple(inner):

@@ -230,8 +230,8 @@ def test_image_stem_mixes_each_image_position_with_its_grid_neighbours_only():
   assert not moved[:text_length].any()               # the report is not touched
   grid = moved[text_length:].reshape(3, 3)           # image code (0, 0) of the 3 x 3 grid changed
   assert grid[:2, :2].all() and not grid[2].any() and not grid[:, 2].any()
-  two_layers = np.abs(np.asarray(_stem_model(2)._embed_tokens(changed)
-                                 - _stem_model(2)._embed_tokens(tokens))).max(-1)[0]
+  deeper = _stem_model(2)
+  two_layers = np.abs(np.asarray(deeper._embed_tokens(changed) - deeper._embed_tokens(tokens))).max(-1)[0]
   assert two_layers[text_length:].all()              # two 3x3 layers reach across the 3 x 3 grid
 
 

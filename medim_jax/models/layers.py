@@ -28,16 +28,21 @@ def contract(x: jax.Array, w: jax.Array, axes: int = 1) -> jax.Array:
   if tuple(w.shape[:axes]) != tuple(inner):
     raise ValueError(f"cannot contract {x.shape} with {w.shape} over {axes} axes")
   outer = w.shape[axes:]
-  x2d, w2d = x.reshape(-1, math.prod(inner)), w.reshape(math.prod(inner), -1)
-  if is_low_precision(w.dtype):  # x's dtype is the activations' (float32 or w's): so is the result
-    flat = matmul_f32_accumulate(x2d, w2d, False, x.dtype)
-  else:
-    flat = jnp.dot(x2d, w2d)
+  # x's dtype is the activations' (float32 or w's): so is the result.
+  flat = matmul(x.reshape(-1, math.prod(inner)), w.reshape(math.prod(inner), -1), False, x.dtype)
   return flat.reshape(*x.shape[:x.ndim - axes], *outer)
 
 
 def is_low_precision(dtype) -> bool:
   return jnp.dtype(dtype) in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
+
+
+def matmul(a: jax.Array, b: jax.Array, transpose_b: bool, out_dtype) -> jax.Array:
+  """``a @ b`` (or ``a @ b.T``), 2-D, in ``out_dtype``: through ``matmul_f32_accumulate`` where b is
+  bfloat16 / float16, a plain float32-output dot otherwise."""
+  if is_low_precision(b.dtype):
+    return matmul_f32_accumulate(a, b, transpose_b, out_dtype)
+  return _dot(a, b, 1, 1 if transpose_b else 0).astype(out_dtype)
 
 
 def _dot(a, b, contract_a: int, contract_b: int) -> jax.Array:

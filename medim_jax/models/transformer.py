@@ -274,11 +274,7 @@ class MeDiMTransformer(nnx.Module):
       weight, transpose = self.embedding[...][lo:hi].astype(dtype), True
     else:
       weight, transpose = self.lm_head[...][:, lo:hi].astype(dtype), False
-    if layers.is_low_precision(dtype):
-      out = layers.matmul_f32_accumulate(flat, weight, transpose, jnp.float32)
-    else:
-      out = jax.lax.dot_general(flat, weight, (((1,), (1 if transpose else 0,)), ((), ())),
-                                preferred_element_type=jnp.float32)
+    out = layers.matmul(flat, weight, transpose, jnp.float32)
     return out.reshape(*hidden.shape[:-1], out.shape[-1])
 
   def findings(self, hidden: jax.Array) -> jax.Array:

@@ -251,6 +251,9 @@ def get_config(arg=None):
   # condition (diffusion/rerank.py); N times the sampling cost. 1: the sampler's draw as it is.
   config.sample.rerank_candidates = 1
   config.sample.rerank_tasks = "image_to_report,report_to_image,joint"  # the tasks it applies to
+  # What it ranks by: "likelihood", log p(sample | condition), or "pmi", that minus log p(sample)
+  # (one more pass with the condition masked: the sample the condition raises most).
+  config.sample.rerank_score = "likelihood"
   config.sample.tasks = "report_to_image,image_to_report,joint"
   config.sample.num_examples = 64       # per task, from the eval split
   config.sample.batch_size = 64

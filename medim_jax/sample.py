@@ -87,6 +87,9 @@ def generate_task(config, trainer: train.Trainer, params, layout, split: data_ba
   count = int(config.sample.get("rerank_candidates", 1))
   if count < 1:
     raise errors.InputError(f"config.sample.rerank_candidates must be >= 1, got {count}")
+  score = config.sample.get("rerank_score", "likelihood")
+  if score not in rerank.SCORES:
+    raise errors.InputError(f"config.sample.rerank_score must be one of {rerank.SCORES}, got {score!r}")
   if task not in [t.strip() for t in config.sample.get("rerank_tasks", task).split(",")]:
     count = 1
   candidates = [sample_in_batches(
@@ -96,9 +99,9 @@ def generate_task(config, trainer: train.Trainer, params, layout, split: data_ba
   out = candidates[0]
   if count > 1:
     with jax.set_mesh(trainer.mesh):
-      scores = rerank.target_log_likelihood(trainer.model.apply, params, trainer.schedule, layout,
-                                            inputs, np.stack([c.tokens for c in candidates]),
-                                            config.sample.batch_size)
+      scores = rerank.candidate_scores(trainer.model.apply, params, trainer.schedule, layout,
+                                       inputs, np.stack([c.tokens for c in candidates]),
+                                       config.sample.batch_size, score)
     out = rerank.pick_best(candidates, scores)
   return (out.tokens, out.reveal_prob) if with_confidence else out.tokens
 

@@ -303,6 +303,45 @@ def test_rerank_scores_are_the_model_log_likelihood_of_the_generated_tokens_and_
   assert len({tuple(c.tokens[0]) for c in candidates}) > 1  # the seeds drew different reports
 
 
+def test_rerank_pmi_is_the_likelihood_the_condition_adds_over_the_fully_masked_row():
+  from medim_jax.diffusion import rerank
+  schedule = schedules.LogLinearSchedule()
+  _, x = inputs("image_to_report", batch=4)
+  sampler = make_sampler()
+  stacked = np.stack([np.asarray(sampler(PARAMS, x, np.arange(4), seed=s, segment_steps=(3, 0)).tokens)
+                      for s in range(3)])
+  conditional = rerank.candidate_scores(APPLY, PARAMS, schedule, LAYOUT, x, stacked, 2, "likelihood")
+  pmi = rerank.candidate_scores(APPLY, PARAMS, schedule, LAYOUT, x, stacked, 2, "pmi")
+  np.testing.assert_array_equal(
+      conditional, rerank.target_log_likelihood(APPLY, PARAMS, schedule, LAYOUT, x, stacked, 2))
+  # Closed form of the second term: the same generated positions scored with the image masked too.
+  sigma = np.full((1,), schedule.sigma(1.0), np.float32)
+  blank = np.full_like(x[:1], LAYOUT.mask_id)
+  log_probs = np.asarray(loss_lib.subs_log_probs(APPLY(PARAMS, blank, sigma), LAYOUT))[0]
+  for n in range(3):
+    for b in range(4):
+      masked = np.flatnonzero(x[b] == LAYOUT.mask_id)
+      want = conditional[n, b] - log_probs[masked, stacked[n, b, masked]].sum()
+      np.testing.assert_allclose(pmi[n, b], want, rtol=1e-5, atol=1e-4)
+  assert not np.allclose(pmi, conditional)  # the image-free term is not zero
+  with pytest.raises(ValueError, match="rerank score"):
+    rerank.candidate_scores(APPLY, PARAMS, schedule, LAYOUT, x, stacked, 2, "perplexity")
+
+
+def test_rerank_pmi_of_a_model_blind_to_the_condition_is_zero():
+  """A model whose output ignores the given tokens gains nothing from the condition: every
+  candidate's PMI is 0, whatever its likelihood."""
+  from medim_jax.diffusion import rerank
+  schedule = schedules.LogLinearSchedule()
+  _, x = inputs("image_to_report", batch=3)
+  blind = lambda params, rows, sigma: APPLY(params, jnp.full_like(rows, LAYOUT.mask_id), sigma)
+  stacked = np.stack([np.asarray(make_sampler()(PARAMS, x, np.arange(3), seed=s,
+                                                segment_steps=(3, 0)).tokens) for s in range(2)])
+  pmi = rerank.candidate_scores(blind, PARAMS, schedule, LAYOUT, x, stacked, 3, "pmi")
+  np.testing.assert_allclose(pmi, 0.0, atol=1e-5)
+  assert np.abs(rerank.candidate_scores(blind, PARAMS, schedule, LAYOUT, x, stacked, 3)).min() > 1.0
+
+
 def test_generate_task_with_rerank_keeps_for_each_row_its_most_likely_candidate():
   from configs import smoke
   from medim_jax import errors, sample
@@ -327,11 +366,18 @@ def test_generate_task_with_rerank_keeps_for_each_row_its_most_likely_candidate(
   scores = rerank.target_log_likelihood(trainer.model.apply, params, trainer.schedule,
                                         dataset.layout, inputs, single, batch_size=4)
   np.testing.assert_array_equal(chosen, single[np.argmax(scores, axis=0), np.arange(6)])
+  pmi = rerank.candidate_scores(trainer.model.apply, params, trainer.schedule, dataset.layout,
+                                inputs, single, 4, "pmi")
+  np.testing.assert_array_equal(generate(rerank_candidates=3, rerank_score="pmi"),
+                                single[np.argmax(pmi, axis=0), np.arange(6)])
+  config.sample.rerank_score = "likelihood"
   assert not np.array_equal(single[0], single[1])  # the candidates differ
   # A task outside sample.rerank_tasks takes the sampler's draw as it is.
   np.testing.assert_array_equal(generate(rerank_candidates=3, rerank_tasks="report_to_image"), single[0])
   with pytest.raises(errors.InputError, match="rerank_candidates"):
     generate(rerank_candidates=0)
+  with pytest.raises(errors.InputError, match="rerank_score"):
+    generate(rerank_candidates=3, rerank_tasks="image_to_report", rerank_score="perplexity")
 
 
 # With learned positions: the query-only pass must add the embedding of its own positions.

@@ -7,6 +7,12 @@ ranks reports by the image better than those draws follow it (docs/reading_study
 one forward pass at t = 1 (every generated position masked, the condition given, no guidance), and
 keep the best. Candidate 0 is what the sampler alone returns, so N = 1 changes nothing. A row's
 choice depends only on its own candidates: batch-size invariance is kept.
+
+The plain likelihood log p(candidate | condition) prefers short, common reports whatever the image
+(the reading probe saw the same when ranking training reports). ``score="pmi"`` ranks by the
+pointwise mutual information log p(candidate | condition) - log p(candidate) instead: the second
+term from one more pass with the condition masked too, the unconditional row classifier-free
+guidance uses. It keeps the candidate the condition raises most.
 """
 
 from __future__ import annotations
@@ -18,12 +24,17 @@ import numpy as np
 from medim_jax.diffusion import loss as loss_lib
 
 
+SCORES = ("likelihood", "pmi")
+
+
 def target_log_likelihood(apply_fn, params, schedule, layout, inputs: np.ndarray,
-                          candidates: np.ndarray, batch_size: int) -> np.ndarray:
+                          candidates: np.ndarray, batch_size: int,
+                          scored: np.ndarray | None = None) -> np.ndarray:
   """(N, B): for each of N candidate token rows (N, B, L), the summed log-probability of its tokens
-  at the positions ``inputs`` (B, L) masks, under the model given ``inputs`` at t = 1."""
+  at the positions ``scored`` (B, L; default: those ``inputs`` masks), under the model given
+  ``inputs`` at t = 1."""
   inputs, candidates = np.asarray(inputs), np.asarray(candidates)
-  scored = inputs == layout.mask_id
+  scored = inputs == layout.mask_id if scored is None else np.asarray(scored, bool)
 
   @jax.jit
   def scores(params, rows, rows_candidates, rows_scored):
@@ -36,6 +47,22 @@ def target_log_likelihood(apply_fn, params, schedule, layout, inputs: np.ndarray
                            jnp.asarray(scored[s])))
          for s in (slice(i, i + batch_size) for i in range(0, len(inputs), batch_size))]
   return np.concatenate(out, axis=1)
+
+
+def candidate_scores(apply_fn, params, schedule, layout, inputs: np.ndarray,
+                     candidates: np.ndarray, batch_size: int, score: str = "likelihood") -> np.ndarray:
+  """(N, B): what best of N ranks by, ``score`` one of SCORES (see the module's docstring)."""
+  if score not in SCORES:
+    raise ValueError(f"rerank score must be one of {SCORES}, got {score!r}")
+  conditional = target_log_likelihood(apply_fn, params, schedule, layout, inputs, candidates,
+                                      batch_size)
+  if score == "likelihood":
+    return conditional
+  inputs = np.asarray(inputs)
+  unconditional = target_log_likelihood(apply_fn, params, schedule, layout,
+                                        np.full_like(inputs, layout.mask_id), candidates,
+                                        batch_size, scored=inputs == layout.mask_id)
+  return conditional - unconditional
 
 
 def pick_best(candidate_outputs: list, scores: np.ndarray):

@@ -94,7 +94,7 @@ def generate_task(config, trainer: train.Trainer, params, layout, split: data_ba
     count = 1
   candidates = [sample_in_batches(
       sampler, params, trainer.mesh, inputs, split.example_id, config.sample.batch_size,
-      config.sample.seed + c, sampler.steps_for_task(task),
+      config.sample.seed * count + c, sampler.steps_for_task(task),
       f"sample {task}" + (f" ({c + 1}/{count})" if count > 1 else "")) for c in range(count)]
   out = candidates[0]
   if count > 1:

@@ -366,9 +366,15 @@ def test_generate_task_with_rerank_keeps_for_each_row_its_most_likely_candidate(
   scores = rerank.target_log_likelihood(trainer.model.apply, params, trainer.schedule,
                                         dataset.layout, inputs, single, batch_size=4)
   np.testing.assert_array_equal(chosen, single[np.argmax(scores, axis=0), np.arange(6)])
+  # Sample seed 1 draws its candidates with seeds 3, 4, 5: none of seed 0's.
+  later = np.stack([generate(rerank_candidates=1, seed=seed) for seed in range(3, 6)])
+  later_scores = rerank.target_log_likelihood(trainer.model.apply, params, trainer.schedule,
+                                              dataset.layout, inputs, later, batch_size=4)
+  np.testing.assert_array_equal(generate(rerank_candidates=3, seed=1),
+                                later[np.argmax(later_scores, axis=0), np.arange(6)])
   pmi = rerank.candidate_scores(trainer.model.apply, params, trainer.schedule, dataset.layout,
                                 inputs, single, 4, "pmi")
-  np.testing.assert_array_equal(generate(rerank_candidates=3, rerank_score="pmi"),
+  np.testing.assert_array_equal(generate(rerank_candidates=3, seed=0, rerank_score="pmi"),
                                 single[np.argmax(pmi, axis=0), np.arange(6)])
   config.sample.rerank_score = "likelihood"
   assert not np.array_equal(single[0], single[1])  # the candidates differ

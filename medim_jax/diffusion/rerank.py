@@ -3,10 +3,11 @@
 A sampler draws a report token by token; the model's likelihood of a whole report given the image
 ranks reports by the image better than those draws follow it (docs/reading_study.md: reading AUC
 0.82 for cardiomegaly while sampled reports fall below retrieval). So: sample N candidates per row
-(seeds ``seed, seed + 1, ...``), score each by the log-probability of its generated tokens under
-one forward pass at t = 1 (every generated position masked, the condition given, no guidance), and
-keep the best. Candidate 0 is what the sampler alone returns, so N = 1 changes nothing. A row's
-choice depends only on its own candidates: batch-size invariance is kept.
+with sample seeds ``N seed, N seed + 1, ...`` (the candidate sets of seeds 0, 1, ... do not overlap),
+score each by the log-probability of its generated tokens under one forward pass at t = 1 (every
+generated position masked, the condition given, no guidance), and keep the best. With N = 1 the
+sampler's draw is returned as it is. A row's choice depends only on its own candidates: batch-size
+invariance is kept.
 
 The plain likelihood log p(candidate | condition) prefers short, common reports whatever the image
 (the reading probe saw the same when ranking training reports). ``score="pmi"`` ranks by the

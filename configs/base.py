@@ -254,6 +254,7 @@ def get_config(arg=None):
   # What it ranks by: "likelihood", log p(sample | condition), or "pmi", that minus log p(sample)
   # (one more pass with the condition masked: the sample the condition raises most).
   config.sample.rerank_score = "likelihood"
+  config.sample.rerank_pmi_weight = 1.0  # pmi: log p(sample | condition) - w log p(sample)
   config.sample.tasks = "report_to_image,image_to_report,joint"
   config.sample.num_examples = 64       # per task, from the eval split
   config.sample.batch_size = 64

@@ -101,7 +101,8 @@ def generate_task(config, trainer: train.Trainer, params, layout, split: data_ba
     with jax.set_mesh(trainer.mesh):
       scores = rerank.candidate_scores(trainer.model.apply, params, trainer.schedule, layout,
                                        inputs, np.stack([c.tokens for c in candidates]),
-                                       config.sample.batch_size, score)
+                                       config.sample.batch_size, score,
+                                       float(config.sample.get("rerank_pmi_weight", 1.0)))
     out = rerank.pick_best(candidates, scores)
   return (out.tokens, out.reveal_prob) if with_confidence else out.tokens
 

@@ -312,6 +312,7 @@ def test_rerank_pmi_is_the_likelihood_the_condition_adds_over_the_fully_masked_r
                       for s in range(3)])
   conditional = rerank.candidate_scores(APPLY, PARAMS, schedule, LAYOUT, x, stacked, 2, "likelihood")
   pmi = rerank.candidate_scores(APPLY, PARAMS, schedule, LAYOUT, x, stacked, 2, "pmi")
+  half = rerank.candidate_scores(APPLY, PARAMS, schedule, LAYOUT, x, stacked, 2, "pmi", 0.5)
   np.testing.assert_array_equal(
       conditional, rerank.target_log_likelihood(APPLY, PARAMS, schedule, LAYOUT, x, stacked, 2))
   # Closed form of the second term: the same generated positions scored with the image masked too.
@@ -321,8 +322,10 @@ def test_rerank_pmi_is_the_likelihood_the_condition_adds_over_the_fully_masked_r
   for n in range(3):
     for b in range(4):
       masked = np.flatnonzero(x[b] == LAYOUT.mask_id)
-      want = conditional[n, b] - log_probs[masked, stacked[n, b, masked]].sum()
-      np.testing.assert_allclose(pmi[n, b], want, rtol=1e-5, atol=1e-4)
+      unconditional = log_probs[masked, stacked[n, b, masked]].sum()
+      np.testing.assert_allclose(pmi[n, b], conditional[n, b] - unconditional, rtol=1e-5, atol=1e-4)
+      np.testing.assert_allclose(half[n, b], conditional[n, b] - 0.5 * unconditional, rtol=1e-5,
+                                 atol=1e-4)
   assert not np.allclose(pmi, conditional)  # the image-free term is not zero
   with pytest.raises(ValueError, match="rerank score"):
     rerank.candidate_scores(APPLY, PARAMS, schedule, LAYOUT, x, stacked, 2, "perplexity")
@@ -373,10 +376,11 @@ def test_generate_task_with_rerank_keeps_for_each_row_its_most_likely_candidate(
   np.testing.assert_array_equal(generate(rerank_candidates=3, seed=1),
                                 later[np.argmax(later_scores, axis=0), np.arange(6)])
   pmi = rerank.candidate_scores(trainer.model.apply, params, trainer.schedule, dataset.layout,
-                                inputs, single, 4, "pmi")
-  np.testing.assert_array_equal(generate(rerank_candidates=3, seed=0, rerank_score="pmi"),
-                                single[np.argmax(pmi, axis=0), np.arange(6)])
-  config.sample.rerank_score = "likelihood"
+                                inputs, single, 4, "pmi", pmi_weight=0.5)
+  np.testing.assert_array_equal(
+      generate(rerank_candidates=3, seed=0, rerank_score="pmi", rerank_pmi_weight=0.5),
+      single[np.argmax(pmi, axis=0), np.arange(6)])
+  config.sample.update(rerank_score="likelihood", rerank_pmi_weight=1.0)
   assert not np.array_equal(single[0], single[1])  # the candidates differ
   # A task outside sample.rerank_tasks takes the sampler's draw as it is.
   np.testing.assert_array_equal(generate(rerank_candidates=3, rerank_tasks="report_to_image"), single[0])

@@ -13,7 +13,9 @@ The plain likelihood log p(candidate | condition) prefers short, common reports 
 (the reading probe saw the same when ranking training reports). ``score="pmi"`` ranks by the
 pointwise mutual information log p(candidate | condition) - log p(candidate) instead: the second
 term from one more pass with the condition masked too, the unconditional row classifier-free
-guidance uses. It keeps the candidate the condition raises most.
+guidance uses. It keeps the candidate the condition raises most. ``pmi_weight`` w scales the
+second term (log p(candidate | condition) - w log p(candidate)): 0 is the plain likelihood, 1 the
+PMI, values between temper the PMI's preference for rare words.
 """
 
 from __future__ import annotations
@@ -51,7 +53,8 @@ def target_log_likelihood(apply_fn, params, schedule, layout, inputs: np.ndarray
 
 
 def candidate_scores(apply_fn, params, schedule, layout, inputs: np.ndarray,
-                     candidates: np.ndarray, batch_size: int, score: str = "likelihood") -> np.ndarray:
+                     candidates: np.ndarray, batch_size: int, score: str = "likelihood",
+                     pmi_weight: float = 1.0) -> np.ndarray:
   """(N, B): what best of N ranks by, ``score`` one of SCORES (see the module's docstring)."""
   if score not in SCORES:
     raise ValueError(f"rerank score must be one of {SCORES}, got {score!r}")
@@ -63,7 +66,7 @@ def candidate_scores(apply_fn, params, schedule, layout, inputs: np.ndarray,
   unconditional = target_log_likelihood(apply_fn, params, schedule, layout,
                                         np.full_like(inputs, layout.mask_id), candidates,
                                         batch_size, scored=inputs == layout.mask_id)
-  return conditional - unconditional
+  return conditional - pmi_weight * unconditional
 
 
 def pick_best(candidate_outputs: list, scores: np.ndarray):

@@ -218,6 +218,8 @@ def get_config(arg=None):
   config.eval.tasks = "image_to_report,report_to_image,joint"
   config.eval.inception_weights = ""    # local .npz of FID InceptionV3 weights; "" = FID/IS unavailable
   config.eval.classifier_steps = 600    # the finding classifier (datasets with labels.jsonl)
+  # Its seed, apart from config.seed: runs of several seeds are scored by the same classifier.
+  config.eval.classifier_seed = 42
   config.eval.export_synthetic = "consistent"  # joint pairs as NAME.png + NAME.txt: "" | all | consistent
   # CheXbert's weights (chexbert.pth, or its tensors as .npz / .safetensors) and a folder with
   # bert-base-uncased's vocab.txt, both local: --mode eval then adds chexpert14_chexbert beside the

@@ -388,7 +388,7 @@ def chexpert_efficacy(real_reports, generated_reports, retrieved_reports, label_
 def cached_classifier(config, name, dataset_folders, training, out_dir):
   """The finding classifier of one dataset, trained on its training images, thresholds on its
   validation folder when that has labels (cached by inputs)."""
-  steps, seed = config.eval.classifier_steps, config.seed
+  steps, seed = config.eval.classifier_steps, config.eval.classifier_seed
   key = hashlib.sha256(json.dumps({"names": training.names, "steps": steps, "seed": seed,
                                    "size": int(training.images.shape[1])}).encode()).hexdigest()
   path = os.path.join(out_dir, f"finding_classifier_{name}.npz")

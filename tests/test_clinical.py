@@ -147,6 +147,27 @@ def test_classifier_learns_a_bright_square_and_round_trips(tmp_path):
   np.testing.assert_array_equal(loaded.thresholds, thresholds)
 
 
+def test_an_evaluation_scores_images_with_a_classifier_of_its_own_seed_not_the_runs(tmp_path):
+  """Two runs that differ only in config.seed get the same report->image yardstick."""
+  from configs import demo
+  from medim_jax import evaluate
+  from medim_jax.evaluation import ground_truth
+  images, labels = bright_square_data(16, 0)
+  training = ground_truth.Reference([f"case{i}" for i in range(16)], images, [""] * 16, labels,
+                                    ("square", "never"))
+
+  def probabilities(seed, classifier_seed):
+    config = demo.get_config("tiny")
+    config.seed, config.eval.classifier_seed, config.eval.classifier_steps = seed, classifier_seed, 3
+    folder = tmp_path / f"run_{seed}_{classifier_seed}"
+    folder.mkdir(exist_ok=True)
+    classifier, _ = evaluate.cached_classifier(config, "chest", {}, training, str(folder))
+    return classifier.predict(images)
+
+  np.testing.assert_array_equal(probabilities(42, 7), probabilities(43, 7))
+  assert not np.array_equal(probabilities(42, 7), probabilities(42, 8))
+
+
 def test_best_f1_thresholds_cut_halfway_below_the_best_point():
   probabilities = np.array([[0.9], [0.8], [0.6], [0.3], [0.1]])
   labels = np.array([[1], [1], [0], [1], [0]], bool)

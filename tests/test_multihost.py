@@ -9,7 +9,10 @@ import sys
 import jax
 import numpy as np
 
-from tests.test_parallel import config_on, dataset, run_steps  # noqa: F401 (fixture)
+from tests import test_parallel
+from tests.test_parallel import config_on, run_steps
+
+dataset = test_parallel.dataset  # the fixture, shared with test_parallel
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

@@ -11,6 +11,7 @@ import pytest
 from flax import nnx
 
 import helpers
+from medim_jax.bench import shapes
 from medim_jax.models import conditioning, layers, transformer
 from medim_jax.training.train import Model
 
@@ -275,20 +276,11 @@ def test_low_precision_matmul_accumulates_in_float32_both_ways(transpose_b):
   # form that runs on a CPU's bf16 units); autodiff alone would give float32 x bfloat16.
   jaxpr = jax.make_jaxpr(jax.grad(loss(lambda a, b: layers.matmul_f32_accumulate(
       a, b, transpose_b, jnp.bfloat16)), argnums=(0, 1)))(a, b)
-  dots = [e for e in _all_equations(jaxpr.jaxpr) if e.primitive.name == "dot_general"]
+  dots = [e for e, _ in shapes.dot_equations(jaxpr.jaxpr)]
   assert len(dots) == 3
   for eqn in dots:
     assert [v.aval.dtype for v in eqn.invars] == [jnp.bfloat16] * 2
     assert eqn.params["preferred_element_type"] == jnp.float32
-
-
-def _all_equations(jaxpr):
-  for eqn in jaxpr.eqns:
-    yield eqn
-    for param in eqn.params.values():
-      inner = getattr(param, "jaxpr", None)
-      if inner is not None and hasattr(inner, "eqns"):
-        yield from _all_equations(inner)
 
 
 def test_float32_activations_keep_the_residual_stream_float32_and_only_matmuls_bfloat16():
@@ -308,8 +300,8 @@ def test_float32_activations_keep_the_residual_stream_float32_and_only_matmuls_b
   loss = lambda p: jnp.sum(nnx.merge(graphdef, p)(tokens, sigma) ** 2)
   # Every token-level matmul (2-D: projections, MLP, head; forward and backward) in bfloat16; the
   # per-example AdaLN projection (a 3-D kernel) stays in the activations' dtype.
-  dots = [e for e in _all_equations(jax.make_jaxpr(jax.grad(loss))(params).jaxpr)
-          if e.primitive.name == "dot_general" and all(v.aval.ndim == 2 for v in e.invars)]
+  dots = [e for e, _ in shapes.dot_equations(jax.make_jaxpr(jax.grad(loss))(params).jaxpr)
+          if all(v.aval.ndim == 2 for v in e.invars)]
   assert len(dots) > 20 and all([v.aval.dtype for v in e.invars] == [jnp.bfloat16] * 2 for e in dots)
   with pytest.raises(ValueError, match="activation_dtype"):
     helpers.tiny_config(activation_dtype="float64")

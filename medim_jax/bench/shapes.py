@@ -113,22 +113,27 @@ def train_step_flops(cfg: transformer.TransformerConfig, batch: int, length: int
   return 3 * sum(forward_flops(cfg, batch, length).values())
 
 
+def dot_equations(jaxpr, repeat: int = 1):
+  """(equation, times it runs) for every dot_general in ``jaxpr``, nested calls, branches and scans
+  included (a scan's body runs ``length`` times; a while loop's body is counted once)."""
+  for eqn in jaxpr.eqns:
+    if eqn.primitive.name == "dot_general":
+      yield eqn, repeat
+    inner = repeat * (eqn.params.get("length", 1) if eqn.primitive.name == "scan" else 1)
+    for value in eqn.params.values():
+      for sub in value if isinstance(value, (tuple, list)) else (value,):
+        if isinstance(sub, jax.extend.core.ClosedJaxpr):
+          yield from dot_equations(sub.jaxpr, inner)
+        elif isinstance(sub, jax.extend.core.Jaxpr):
+          yield from dot_equations(sub, inner)
+
+
 def jaxpr_matmul_flops(fn, *args) -> int:
-  """FLOPs of every dot_general in ``fn``'s jaxpr (nested calls and scans included; a while loop's
-  body counted once): a check of ``forward_flops`` against what the program actually multiplies."""
-  def count(jaxpr) -> int:
-    total = 0
-    for eqn in jaxpr.eqns:
-      if eqn.primitive.name == "dot_general":
-        (lhs_contract, _), _ = eqn.params["dimension_numbers"]
-        lhs = eqn.invars[0].aval.shape
-        total += 2 * math.prod(eqn.outvars[0].aval.shape) * math.prod(lhs[i] for i in lhs_contract)
-      repeat = eqn.params.get("length", 1) if eqn.primitive.name == "scan" else 1
-      for value in eqn.params.values():
-        for sub in value if isinstance(value, (tuple, list)) else (value,):
-          if isinstance(sub, jax.extend.core.ClosedJaxpr):
-            total += repeat * count(sub.jaxpr)
-          elif isinstance(sub, jax.extend.core.Jaxpr):
-            total += repeat * count(sub)
-    return total
-  return count(jax.make_jaxpr(fn)(*args).jaxpr)
+  """FLOPs of every dot_general in ``fn``'s jaxpr (``dot_equations``): a check of
+  ``forward_flops`` against what the program actually multiplies."""
+  total = 0
+  for eqn, repeat in dot_equations(jax.make_jaxpr(fn)(*args).jaxpr):
+    (lhs_contract, _), _ = eqn.params["dimension_numbers"]
+    lhs = eqn.invars[0].aval.shape
+    total += repeat * 2 * math.prod(eqn.outvars[0].aval.shape) * math.prod(lhs[i] for i in lhs_contract)
+  return total

@@ -369,18 +369,21 @@ def test_generate_task_with_rerank_keeps_for_each_row_its_most_likely_candidate(
   scores = rerank.target_log_likelihood(trainer.model.apply, params, trainer.schedule,
                                         dataset.layout, inputs, single, batch_size=4)
   np.testing.assert_array_equal(chosen, single[np.argmax(scores, axis=0), np.arange(6)])
-  pmi = rerank.candidate_scores(trainer.model.apply, params, trainer.schedule, dataset.layout,
-                                inputs, single, 4, "pmi", pmi_weight=0.5)
   seeds = []
   draw = sample.sample_in_batches
   monkeypatch.setattr(sample, "sample_in_batches",
                       lambda *args: seeds.append(args[6]) or draw(*args))
-  np.testing.assert_array_equal(
-      generate(rerank_candidates=3, seed=0, rerank_score="pmi", rerank_pmi_weight=0.5),
-      single[np.argmax(pmi, axis=0), np.arange(6)])
+  # With this model the PMI at weight 1 picks other candidates than the likelihood, at weight 0.5
+  # the same ones: a score or weight lost on the way would show.
+  for weight in (1.0, 0.5):
+    pmi = rerank.candidate_scores(trainer.model.apply, params, trainer.schedule, dataset.layout,
+                                  inputs, single, 4, "pmi", pmi_weight=weight)
+    picked = generate(rerank_candidates=3, seed=0, rerank_score="pmi", rerank_pmi_weight=weight)
+    np.testing.assert_array_equal(picked, single[np.argmax(pmi, axis=0), np.arange(6)])
+    assert np.array_equal(picked, chosen) == (weight == 0.5)
   config.sample.update(rerank_score="likelihood", rerank_pmi_weight=1.0)
   generate(rerank_candidates=3, seed=1)
-  assert seeds == [0, 1, 2, 3, 4, 5]  # sample seed 1's candidates share no seed with seed 0's
+  assert seeds == [0, 1, 2] * 2 + [3, 4, 5]  # sample seed 1's candidates share none of seed 0's
   monkeypatch.undo()
   assert not np.array_equal(single[0], single[1])  # the candidates differ
   # A task outside sample.rerank_tasks takes the sampler's draw as it is.

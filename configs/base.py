@@ -239,6 +239,7 @@ def get_config(arg=None):
   config.sample.cfg_scale = 5.0
   config.sample.cfg_ramp = True         # w(t) = cfg_scale * (1 - t), as in the original
   config.sample.gumbel_scale = 10.0
+  config.sample.image_gumbel_scale = -1.0  # >= 0: the image positions' own (< 0: gumbel_scale)
   config.sample.temperature = 1.0
   config.sample.time_input = "mask_ratio"  # mask_ratio | nominal (original)
   config.sample.final_t = 1e-5

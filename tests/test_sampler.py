@@ -278,6 +278,21 @@ def test_adaptive_strategies_keep_conditions_fill_every_mask_and_ignore_the_batc
     np.testing.assert_array_equal(getattr(every_step, name), getattr(out, name))
 
 
+def test_the_image_positions_own_confidence_noise_changes_generated_images_only():
+  ids = np.arange(6)
+  for task, changes in (("report_to_image", True), ("image_to_report", False)):
+    _, x = inputs(task)
+    out = {name: np.asarray(make_sampler(strategy="confidence", **kw)(PARAMS, x, ids, seed=4).tokens)
+           for name, kw in (("same", {}), ("image 0", dict(image_gumbel_scale=0.0)),
+                            ("all 0", dict(gumbel_scale=0.0)))}
+    # Only the generated segment's noise matters: report->image takes the image scale for all of
+    # its noise, image->report none of it.
+    np.testing.assert_array_equal(out["image 0"], out["all 0"] if changes else out["same"])
+    assert np.array_equal(out["image 0"], out["same"]) != changes
+  with pytest.raises(ValueError, match="gumbel_scale"):
+    make_sampler(gumbel_scale=-1.0)
+
+
 def test_rerank_scores_are_the_model_log_likelihood_of_the_generated_tokens_and_keep_the_best():
   from medim_jax.diffusion import rerank
   schedule = schedules.LogLinearSchedule()

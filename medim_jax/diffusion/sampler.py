@@ -73,6 +73,7 @@ class SamplerConfig:
   cfg_scale: float = 5.0               # 0 disables classifier-free guidance
   cfg_ramp: bool = True                # w(t) = cfg_scale * (1 - t) as in the original; else constant
   gumbel_scale: float = 10.0           # confidence noise = gumbel_scale * t * Gumbel (original: 10)
+  image_gumbel_scale: float = -1.0     # the image positions' scale instead, when >= 0
   temperature: float = 1.0             # of the token draw
   time_input: str = "mask_ratio"       # "mask_ratio": sigma from the actual masked fraction; "nominal"
   final_t: float = 1e-5
@@ -95,6 +96,8 @@ class SamplerConfig:
       raise ValueError(f"condition_cache_every must be >= 0 (0: no cache), got {self.condition_cache_every}")
     if self.reveal_threshold < 0:
       raise ValueError(f"reveal_threshold must be >= 0, got {self.reveal_threshold}")
+    if self.gumbel_scale < 0:
+      raise ValueError(f"gumbel_scale must be >= 0, got {self.gumbel_scale}")
 
   @classmethod
   def from_config(cls, cfg) -> "SamplerConfig":
@@ -200,6 +203,17 @@ class Sampler:
     self.config = config
     self.batch_sharding = batch_sharding
     self._jitted = jax.jit(self._sample, static_argnames=("segment_steps", "generated", "query"))
+
+  def _gumbel_scale(self):
+    """The confidence noise's scale: one number, or (L,) when the image positions have their own
+    (``image_gumbel_scale``; the reveal order of a generated image then follows the model's
+    confidence more or less closely than a report's)."""
+    cfg = self.config
+    if cfg.image_gumbel_scale < 0 or cfg.image_gumbel_scale == cfg.gumbel_scale:
+      return cfg.gumbel_scale
+    scale = np.full((self.layout.seq_length,), cfg.gumbel_scale, np.float32)
+    scale[self.layout.image_slice] = cfg.image_gumbel_scale
+    return jnp.asarray(scale)[None, :]
 
   def steps_for_task(self, task: str) -> tuple[int, int]:
     """Step counts (text, image) for a task: 0 for the segment it does not generate."""
@@ -389,7 +403,7 @@ class Sampler:
       noise_fn = jax.random.gumbel if cfg.strategy == "confidence" else jax.random.uniform
       noise = jax.vmap(lambda k: noise_fn(k, (length,)))(noise_keys[:, 0])
       if cfg.strategy == "confidence":
-        confidence = chosen + cfg.gumbel_scale * t[:, None] * noise
+        confidence = chosen + self._gumbel_scale() * t[:, None] * noise
       if adaptive:
         score = jnp.concatenate(
             [adaptive_score(cfg.strategy, *per_segment[seg]) if seg in per_segment else

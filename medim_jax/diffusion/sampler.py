@@ -204,17 +204,6 @@ class Sampler:
     self.batch_sharding = batch_sharding
     self._jitted = jax.jit(self._sample, static_argnames=("segment_steps", "generated", "query"))
 
-  def _gumbel_scale(self):
-    """The confidence noise's scale: one number, or (L,) when the image positions have their own
-    (``image_gumbel_scale``; the reveal order of a generated image then follows the model's
-    confidence more or less closely than a report's)."""
-    cfg = self.config
-    if cfg.image_gumbel_scale < 0 or cfg.image_gumbel_scale == cfg.gumbel_scale:
-      return cfg.gumbel_scale
-    scale = np.full((self.layout.seq_length,), cfg.gumbel_scale, np.float32)
-    scale[self.layout.image_slice] = cfg.image_gumbel_scale
-    return jnp.asarray(scale)[None, :]
-
   def steps_for_task(self, task: str) -> tuple[int, int]:
     """Step counts (text, image) for a task: 0 for the segment it does not generate."""
     if task not in GENERATION_TASKS:
@@ -370,6 +359,10 @@ class Sampler:
     given = ~generate
     modality = jnp.asarray(layout.modality())
     in_segment = [modality == TEXT, modality == IMAGE]
+    # The confidence noise's scale: one number, or per position where generated images have their own.
+    noise_scale = cfg.gumbel_scale
+    if 0 <= cfg.image_gumbel_scale != cfg.gumbel_scale:
+      noise_scale = jnp.where(in_segment[1], cfg.image_gumbel_scale, cfg.gumbel_scale)[None, :]
     initial_masked = [jnp.sum(generate & seg[None], axis=1) for seg in in_segment]  # (B,) each
     fractions = [jnp.asarray(cumulative_reveal_fraction(cfg.reveal_schedule, max(s, 1)))
                  for s in segment_steps]
@@ -403,7 +396,7 @@ class Sampler:
       noise_fn = jax.random.gumbel if cfg.strategy == "confidence" else jax.random.uniform
       noise = jax.vmap(lambda k: noise_fn(k, (length,)))(noise_keys[:, 0])
       if cfg.strategy == "confidence":
-        confidence = chosen + self._gumbel_scale() * t[:, None] * noise
+        confidence = chosen + noise_scale * t[:, None] * noise
       if adaptive:
         score = jnp.concatenate(
             [adaptive_score(cfg.strategy, *per_segment[seg]) if seg in per_segment else

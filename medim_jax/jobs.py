@@ -80,7 +80,10 @@ def build_data(config) -> None:
     from medim_jax.data import folders, tokenize
     for name, source in tokenize.source_folders(config).items():
       for split in tokenize.SPLITS:
-        if source[split]:
+        if source[split] and source.get("text_only"):
+          print(f"{name}/{split}: {source[split]}: {len(folders.scan_reports(source[split]))} "
+                "reports (text only)")
+        elif source[split]:
           pairs, missing = folders.scan(source[split])
           print(f"{name}/{split}: {source[split]}: {len(pairs)} pairs"
                 + (f", {len(missing)} files without a partner; first: {missing[0]}" if missing else ""))

@@ -86,6 +86,32 @@ def test_invalid_positions_are_never_masked_and_carry_no_loss():
   assert not out.loss_mask[:, 3:5].any() and not out.noised[:, 3:5].any()
 
 
+def test_a_row_without_an_image_trains_its_report_alone():
+  """A text-only dataset's row (no valid image position) is drop_image whatever task is drawn:
+  image MASKed and never a target, report noised; rows with an image are as they were."""
+  mix = (0.2, 0.3, 0.4, 0.05, 0.05)
+  image = LAYOUT.image_slice
+  no_image = np.arange(512) % 3 == 0
+  valid = jnp.ones((512, LAYOUT.seq_length), bool).at[no_image, image].set(False)
+  tokens, out = run_corrupt(mix, t=0.5, valid=valid, whole_target_prob=0.5)
+  _, paired = run_corrupt(mix, t=0.5, whole_target_prob=0.5)
+  for name in ("noisy", "is_masked", "noised", "loss_mask", "t"):
+    np.testing.assert_array_equal(np.asarray(getattr(out, name))[~no_image],
+                                  np.asarray(getattr(paired, name))[~no_image])
+  noisy, noised = np.asarray(out.noisy), np.asarray(out.noised)
+  assert (noisy[no_image][:, image] == LAYOUT.mask_id).all()
+  assert not np.asarray(out.loss_mask)[no_image][:, image].any() and not noised[no_image][:, image].any()
+  text = noised[no_image][:, LAYOUT.text_slice]
+  assert text.all()  # drop_image noises the whole report, prompt included: no task keeps it clean
+  assert (np.asarray(out.t)[no_image] == 0.5).all()  # never a whole-target (conditional) row
+  rate = float(np.asarray(out.is_masked)[no_image][:, LAYOUT.text_slice].mean())
+  assert abs(rate - SCHEDULE.mask_rate(0.5)) < 0.05  # 171 rows x 5 positions: 3 sd
+  # Its loss counts report positions only, and stays finite (the image targets are placeholders).
+  logits = jax.random.normal(jax.random.PRNGKey(1), (512, LAYOUT.seq_length, LAYOUT.vocab_size))
+  value, metrics = loss_lib.diffusion_loss(logits, tokens, out, out.t, SCHEDULE, LAYOUT)
+  assert np.isfinite(float(value)) and np.isfinite(float(metrics["image_loss"]))
+
+
 def test_loss_mask_is_masked_and_noised():
   _, out = run_corrupt("joint", t=0.5, keep_prompt_prob=0.5)
   assert not (out.loss_mask & ~out.is_masked).any() and not (out.loss_mask & ~out.noised).any()

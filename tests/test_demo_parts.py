@@ -4,6 +4,7 @@ and the pathology measurements."""
 
 import io
 import json
+import os
 import tarfile
 
 import numpy as np
@@ -116,11 +117,37 @@ def test_report_parsing_and_cleaning(tmp_path):
       ("CXR10", "Small right effusion.", "Effusion.", ["Pleural Effusion/right/small"]),
       ("CXR2", "Clear lungs.", "Normal.", ["normal"]),
       ("CXR3", "Hardware.", "Fracture.", ["Fractures, Bone"]),
-      ("CXR4", "", "", ["normal"])])
+      ("CXR4", "", "", ["normal"]),
+      ("CXR11", "Port catheter. Small effusion.", "No acute disease.",
+       ["Catheters, Indwelling", "Pleural Effusion/small"])])
   reports = iu_reports.load_reports(archive)
   assert [r.report_id for r in reports] == ["CXR2", "CXR10"]  # unrenderable and empty left out
   assert reports[1].text == "small right effusion. effusion."
   assert reports[1].labels["pleural_effusion"] and not any(reports[0].labels.values())
+  # The text-only part gets exactly the reports left out for an unrenderable term (not the empty one).
+  assert iu_reports.load_unrenderable_texts(archive) == [
+      ("CXR3", "hardware. fracture."), ("CXR11", "port catheter. small effusion. no acute disease.")]
+
+
+def test_the_text_only_part_writes_the_other_reports_and_the_text_profile_mixes_them_in(
+    tmp_path, monkeypatch):
+  from configs import demo as demo_config
+  archive = write_reports_archive(tmp_path / "reports.tgz", [
+      ("CXR1", "Clear.", "Normal.", ["normal"]), ("CXR5", "Scoliosis.", "No acute.", ["Scoliosis"])])
+  monkeypatch.setattr(iu_reports, "reports_archive", lambda: archive)
+  info, samples = demo._build_chest_text(str(tmp_path / "chest_text"), {}, False)
+  assert info["counts"] == {"train": 1} and samples == []
+  assert os.listdir(tmp_path / "chest_text" / "train") == ["CXR5.txt"]
+  assert (tmp_path / "chest_text" / "train" / "CXR5.txt").read_text() == "scoliosis. no acute.\n"
+
+  plain, text = demo_config.get_config(), demo_config.get_config("long,text")
+  assert demo.settings(text.data)["parts"] == ["chest", "pathology", "chest_text"]
+  assert text.diffusion.whole_target_prob == 0.5 and plain.data.demo_parts == "chest,pathology"
+  weights = {n: d.weight for n, d in text.data.datasets.items()}
+  assert weights == {"chest": 2.0, "pathology": 0.5, "chest_text": 0.5}  # chest keeps its 2/3
+  for bad in ("long,tiny", "text,wide"):
+    with pytest.raises(ValueError, match="some of 'long', 'text' and 'tiny'"):
+      demo_config.get_config(bad)
 
 
 def test_extra_training_renders_are_new_films_of_the_same_report(tmp_path, phantom, monkeypatch):

@@ -245,3 +245,54 @@ def test_finding_oversample_draws_labelled_examples_k_times_as_often(tmp_path):
 
   with pytest.raises(errors.InputError, match="finding_oversample"):
     pipeline.ShardDataset([str(tmp_path / "shards")], weights, finding_oversample=0.0)
+
+
+def read_rows(paths):
+  import grain
+  records = grain.sources.ArrayRecordDataSource(list(paths)) if paths else []
+  return [records[i] for i in range(len(records))]
+
+
+def test_a_text_only_dataset_adds_report_rows_and_leaves_the_paired_rows_as_they_were(
+    folder_root, shard_dir, tmp_path):
+  reports = tmp_path / "reports"
+  reports.mkdir()
+  for i, text in enumerate(["clear lungs. no effusion.", "upper left nodule.",
+                            "left " * 40, "opacity right lower."]):  # the third: too long
+    (reports / f"r{i}.txt").write_text(text)
+  (reports / "empty.txt").write_text("  ")
+  config = folders_config(folder_root, str(tmp_path / "shards"))
+  config.data.datasets.notes = dict(train=str(reports), prompt="chest x-ray.", weight=1.0,
+                                    text_only=True)
+  manifest = tokenize.tokenize(config, "unused", progress=False)
+  assert manifest["counts"]["notes"] == {"train": 3, "val": 0, "test": 0}
+  assert manifest["text_only_left_out_too_long"] == {"notes": 1}
+  assert any("empty.txt: report is empty" in line for line in manifest["skipped"])
+  assert manifest["datasets"]["notes"]["text_only"] is True
+  before = shards.read_manifest(shard_dir)
+  assert manifest["tokenizers"] == before["tokenizers"]  # fitted on the paired data only
+  for name in ("chest", "pathology"):
+    for split in ("train", "val", "test"):
+      assert manifest["counts"][name] == before["counts"][name]
+      ours = shards.split_files(str(tmp_path / "shards"), manifest, split, name)
+      theirs = shards.split_files(shard_dir, before, split, name)
+      assert read_rows(ours) == read_rows(theirs)
+
+  dataset = pipeline.ShardDataset([str(tmp_path / "shards")], weights={"notes": 50.0})
+  layout = dataset.layout
+  assert "notes" not in set(dataset.split("val").dataset) | set(dataset.split("train").dataset)
+  batch = next(dataset.train_iterator(batch_size=16, seed=0))
+  no_image = ~batch["valid"][:, layout.image_slice].any(1)
+  assert no_image.sum() >= 8 and batch["valid"][~no_image].all()  # notes are ~92% of draws
+  assert not batch["valid"][no_image][:, layout.image_slice].any()
+  lo, hi = layout.allowed_id_range()
+  assert ((batch["tokens"] >= lo) & (batch["tokens"] < hi)).all()  # in range, never scored
+
+  config.data.datasets.notes.test = str(reports)
+  with pytest.raises(errors.InputError, match="notes is text_only: it only trains"):
+    tokenize.source_folders(config)
+  for name in ("chest", "pathology"):
+    config.data.datasets[name].update(dict(text_only=True, val="", test=""))
+  config.data.datasets.notes.test = ""
+  with pytest.raises(errors.InputError, match="every configured dataset .* is text_only"):
+    tokenize.tokenize(config, "unused", progress=False)

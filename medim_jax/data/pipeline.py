@@ -47,11 +47,15 @@ class RowSubset:
 
 
 def to_batch(rows: dict, layout: TokenLayout, train_on_padding: bool) -> dict[str, np.ndarray]:
-  """Stacked shard rows -> the model's batch (see data/base.py)."""
-  tokens = layout.join(rows["text"], rows["image"])
+  """Stacked shard rows -> the model's batch (see data/base.py). A row without an image (a
+  text-only dataset's) has no valid image position, which makes it a report-only example
+  (diffusion/corruption.py); its image segment holds code 0, never shown to the model or scored."""
+  no_image = (rows["image"] == shards.NO_IMAGE).all(axis=-1)
+  tokens = layout.join(rows["text"], np.where(no_image[:, None], 0, rows["image"]))
   valid = np.ones_like(tokens, bool)
   if not train_on_padding:
     valid[:, layout.text_slice] = rows["text_mask"]
+  valid[no_image, layout.image_slice] = False
   return {"tokens": tokens, "valid": valid,
           "prompt_length": rows["prompt_length"].astype(np.int32),
           "example_id": rows["example_id"].astype(np.int32)}
@@ -146,10 +150,14 @@ class ShardDataset:
         train_on_padding, read_threads, worker_count)
     self._eval = None
 
-  def sources(self, split: str) -> list[Source]:
+  def sources(self, split: str, text_only: bool = False) -> list[Source]:
+    """The datasets with rows in ``split``; text-only datasets (reports without images) only
+    when ``text_only``: they train, and take no part in anything that reads images."""
     result = []
     for directory, manifest in self.manifests.items():
       for name, info in manifest["datasets"].items():
+        if info.get("text_only") and not text_only:
+          continue
         paths = shards.split_files(directory, manifest, split, name)
         if paths and manifest["counts"].get(name, {}).get(split, 0) > 0:
           weight = float(self.weights.get(name, info.get("weight", 1.0)))
@@ -201,7 +209,7 @@ class ShardDataset:
 
   def train_iterator(self, batch_size: int, seed: int) -> BatchIterator:
     import jax
-    sources = self.sources("train")
+    sources = self.sources("train", text_only=True)
     dataset = train_dataset(sources, self.row_layout, self.layout, batch_size, seed,
                             jax.process_index(), jax.process_count(), self.train_on_padding,
                             self.read_threads, self.worker_count)

@@ -2,7 +2,8 @@
 
 A row is one little-endian int32 vector:
   [dataset_id, example_id, prompt_length, text ids (T), text mask (T), image codes (I)]
-Text ids and image codes are the tokenizers' own ids; the joint layout (text | MASK | image) is
+Text ids and image codes are the tokenizers' own ids (image codes ``NO_IMAGE`` throughout: a report
+without an image, from a text-only dataset); the joint layout (text | MASK | image) is
 applied when batches are read, so shards do not depend on it. The manifest (``manifest.json``)
 records the layout, counts per dataset and split, every file with its size and sha256, and the
 fingerprints of both tokenizers: rows made by one tokenizer are never read with another.
@@ -21,6 +22,7 @@ from medim_jax import errors, integrity
 
 MANIFEST = "manifest.json"
 FORMAT_VERSION = 1
+NO_IMAGE = -1  # the image codes of a row that has no image
 
 
 class ShardError(errors.InputError):

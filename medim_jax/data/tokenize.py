@@ -6,6 +6,11 @@ tokenizer fitted on training images (or loaded), and every pair becomes one fixe
 ``prompt + report + EOS + padding`` and the image's codes. Pairs are read in chunks, so a folder
 need not fit in memory. Example ids are unique across datasets and splits; ``index.jsonl`` maps
 them back to dataset, split and file name (for evaluation against the originals).
+
+A **text-only** dataset (``data.datasets.<name>.text_only``, or medim-demo's ``chest_text`` part) is
+a training folder of ``NAME.txt`` reports without images: its rows carry ``shards.NO_IMAGE`` codes and
+train the report side alone (diffusion/corruption.py). It has no validation or test split, and it
+takes no part in fitting either tokenizer, so adding one leaves the paired rows as they were.
 """
 
 from __future__ import annotations
@@ -46,20 +51,27 @@ def source_folders(config, progress: bool = True, workdir: str | None = None) ->
     options = data.datasets.get(name, {})
     out = mimic_cxr_folders(config, workdir, progress)
     sources[name] = {"prompt": options.get("prompt", ""), "weight": options.get("weight", 1.0),
-                     **{s: os.path.join(out, s) for s in SPLITS}}
+                     "text_only": False, **{s: os.path.join(out, s) for s in SPLITS}}
   elif data.name == "medim_demo":
     from medim_jax.data import demo
     root = demo.build(data, progress=progress)
     for part in demo.settings(data)["parts"]:
       options = data.datasets.get(part, {})
+      text_only = part in demo.TEXT_ONLY_PARTS
       sources[part] = {"prompt": options.get("prompt", ""), "weight": options.get("weight", 1.0),
-                       **{s: os.path.join(root, part, s) for s in SPLITS}}
+                       "text_only": text_only,
+                       **{s: os.path.join(root, part, s) if s == "train" or not text_only else ""
+                          for s in SPLITS}}
   elif data.name == "folders":
     for name, options in data.datasets.items():
       if not options.get("train"):  # a dataset without a training folder is not used
         continue
+      text_only = bool(options.get("text_only", False))
+      if text_only and (options.get("val") or options.get("test")):
+        raise errors.InputError(f"config.data.datasets.{name} is text_only: it only trains, so give "
+                                "it a train folder and no val or test folder")
       sources[name] = {"prompt": options.get("prompt", ""), "weight": options.get("weight", 1.0),
-                       **{s: options.get(s, "") for s in SPLITS}}
+                       "text_only": text_only, **{s: options.get(s, "") for s in SPLITS}}
     if not sources:
       raise errors.InputError(
           "no dataset in config.data.datasets has a train folder: set one, e.g. "
@@ -100,7 +112,10 @@ def mimic_cxr_folders(config, workdir: str | None, progress: bool = True) -> str
 
 
 def _split_pairs(source: dict, name: str, val_fraction: float) -> tuple[dict, list]:
-  """{split: pairs} with val carved from train (by a hash of the file name) when not given."""
+  """{split: pairs} with val carved from train (by a hash of the file name) when not given; a
+  text-only dataset's "pairs" are (name, None, text path) and all train."""
+  if source.get("text_only"):
+    return {"train": folders.scan_reports(source["train"])}, []
   pairs, skipped = {}, []
   for split in SPLITS:
     if source[split]:
@@ -165,7 +180,9 @@ def settings(config) -> dict:
   keys = ("name", "image_size", "square", "text_length", "text_tokenizer", "text_vocab_size",
           "image_tokenizer", "image_codebook_size", "patch_pixels", "val_fraction")
   result = {k: data[k] for k in keys}
-  result["datasets"] = {n: {k: d.get(k, "") for k in ("train", "val", "test", "prompt")}
+  # text_only only where set, so shards made before the knob keep their settings
+  result["datasets"] = {n: {**{k: d.get(k, "") for k in ("train", "val", "test", "prompt")},
+                            **({"text_only": True} if d.get("text_only", False) else {})}
                         for n, d in data.datasets.items()}
   if data.get("dicom_window", ""):  # only when set: shards made before the knob stay valid
     result["dicom_window"] = data.dicom_window
@@ -182,6 +199,8 @@ def tokenize(config, workdir: str, progress: bool = True) -> dict:
   out_dir = shards_dirs(config, workdir)[0]
   shards.check_replaceable(out_dir)
   sources = source_folders(config, progress, workdir)
+  # Paired datasets first: their dataset and example ids do not depend on text-only ones.
+  sources = dict(sorted(sources.items(), key=lambda item: bool(item[1].get("text_only"))))
   split_pairs, skipped = {}, []
   for name, source in sources.items():
     split_pairs[name], missing = _split_pairs(source, name, config.data.val_fraction)
@@ -195,7 +214,11 @@ def tokenize(config, workdir: str, progress: bool = True) -> dict:
 
   with tempfile.TemporaryDirectory() as staging:
     train_texts = []
-    for name, source in sources.items():
+    paired = [name for name, source in sources.items() if not source.get("text_only")]
+    if not paired:
+      raise errors.InputError(f"every configured dataset ({', '.join(sources)}) is text_only: the "
+                              "tokenizers need at least one dataset of image + report pairs")
+    for name, source in ((n, sources[n]) for n in paired):
       for _, _, text_path in split_pairs[name]["train"]:
         try:
           train_texts.append(folders.read_text(text_path))
@@ -203,7 +226,7 @@ def tokenize(config, workdir: str, progress: bool = True) -> dict:
           pass  # reported when the pair is read below
       train_texts.append(source["prompt"])
     text_tok, text_source, text_inside = make_text_tokenizer(config, train_texts, staging)
-    all_train = [p for name in sources for p in split_pairs[name]["train"]]
+    all_train = [p for name in paired for p in split_pairs[name]["train"]]
     image_tok, image_source, image_inside = make_image_tokenizer(
         config, all_train, staging, config.data.demo_seed, workdir)
     layout = shards.RowLayout(config.data.text_length, image_tok.tokens_per_image)
@@ -218,6 +241,7 @@ def tokenize(config, workdir: str, progress: bool = True) -> dict:
     shards.check_replaceable(out_dir, tokenizers, layout)  # before the long part
 
     rows, index, truncated, dicom_display = {}, [], 0, collections.Counter()
+    left_out_long = collections.Counter()  # text-only reports longer than the text segment
     total = sum(len(p) for name in sources for p in split_pairs[name].values())
     bar = progress_bars.bar(total, "tokenize", "pair", progress)
     for dataset_id, (name, source) in enumerate(sources.items()):
@@ -226,12 +250,22 @@ def tokenize(config, workdir: str, progress: bool = True) -> dict:
         records = rows.setdefault((name, split), [])
         pairs = split_pairs[name].get(split, [])
         for start in range(0, len(pairs), CHUNK):
-          chunk = _read(pairs[start:start + CHUNK], config, bar.update)
+          if source.get("text_only"):
+            chunk = folders.load_reports(pairs[start:start + CHUNK], config.data.on_bad_pair,
+                                         bar.update)
+            codes = [np.full(layout.image_length, shards.NO_IMAGE)] * len(chunk)
+          else:
+            chunk = _read(pairs[start:start + CHUNK], config, bar.update)
+            codes = image_tok.encode(chunk.images) if len(chunk) else []
           skipped += chunk.skipped
           dicom_display.update(chunk.dicom_display)
-          codes = image_tok.encode(chunk.images) if len(chunk) else []
           for pair_name, text, image_codes in zip(chunk.names, chunk.texts, codes):
             ids = prompt_ids + text_tok.tokenize(text)
+            if source.get("text_only") and len(ids) + 1 > layout.text_length:
+              # Cut, it would teach reports that run off the segment's end without an EOS; with
+              # no image to learn from, leaving it out costs nothing else.
+              left_out_long[name] += 1
+              continue
             truncated += len(ids) + 1 > layout.text_length
             if len(ids) + 1 > layout.text_length and not config.data.truncate_reports:
               raise errors.InputError(
@@ -253,11 +287,15 @@ def tokenize(config, workdir: str, progress: bool = True) -> dict:
       f.writelines(json.dumps(row) + "\n" for row in index)
     include = {"index.jsonl": index_path, text_inside: text_source, image_inside: image_source}
     datasets = {name: {"id": i, "prompt": s["prompt"], "weight": s["weight"],
-                       "folders": {k: s[k] for k in SPLITS}} for i, (name, s) in enumerate(sources.items())}
+                       "folders": {k: s[k] for k in SPLITS},
+                       **({"text_only": True} if s.get("text_only") else {})}
+                for i, (name, s) in enumerate(sources.items())}
     manifest = shards.write(out_dir, rows, layout, tokenizers, datasets,
                             config.data.records_per_shard, include_files=include,
                             extra={"settings": settings(config), "truncated_reports": int(truncated),
                                    "skipped": [str(e) for e in skipped],
+                                   **({"text_only_left_out_too_long": dict(left_out_long)}
+                                      if left_out_long else {}),
                                    **({"dicom_display": dict(dicom_display)} if dicom_display else {})})
   print(describe(out_dir, manifest, skipped))
   return manifest
@@ -272,6 +310,8 @@ def describe(directory: str, manifest: dict, skipped=()) -> str:
   lines.append(f"  rows: {layout['text_length']} text + {layout['image_length']} image tokens; text "
                f"vocabulary {tok['text_tokenizer']['size']}, image codebook "
                f"{tok['image_tokenizer']['size']}; {manifest['truncated_reports']} reports truncated")
+  for name, count in manifest.get("text_only_left_out_too_long", {}).items():
+    lines.append(f"  {name}: {count} text-only reports left out, longer than the text segment")
   if skipped:
     lines.append(f"  skipped {len(skipped)} bad pairs; first: {skipped[0]}")
   return "\n".join(lines)

@@ -21,6 +21,10 @@ The two ``drop_*`` tasks teach the unconditional predictions that classifier-fre
 contrasts with (the original never trains them: its whole-modality masking is dead code).
 Only positions that the schedule masked carry loss; fully masked positions are conditioning
 dropout, not targets.
+
+A row with no valid image position (a report without an image, from a text-only dataset:
+data/pipeline.py) is always ``drop_image``: its image segment is MASK, as in classifier-free
+guidance's unconditional row, and its report is noised, so it trains the report side alone.
 """
 
 from __future__ import annotations
@@ -88,6 +92,8 @@ def corrupt(key: jax.Array, tokens: jax.Array, valid: jax.Array, prompt_length: 
 
   modality = jnp.asarray(layout.modality())[None, :]
   is_text, is_image = modality == TEXT, modality == IMAGE
+  has_image = (valid & is_image).any(axis=1)
+  task = jnp.where(has_image, task, TASKS.index("drop_image"))
   task_is = lambda name: (task == TASKS.index(name))[:, None]
   in_prompt = jnp.arange(length)[None, :] < prompt_length[:, None]
 
@@ -105,6 +111,6 @@ def corrupt(key: jax.Array, tokens: jax.Array, valid: jax.Array, prompt_length: 
     draw = draw | whole[:, None]
     t = jnp.where(whole, 1.0, t)
   loss_mask = noised & draw
-  is_masked = loss_mask | (forced & valid)
+  is_masked = loss_mask | (forced & (valid | ~has_image[:, None]))
   noisy = jnp.where(is_masked, layout.mask_id, tokens).astype(jnp.int32)
   return Corruption(noisy=noisy, is_masked=is_masked, noised=noised, loss_mask=loss_mask, t=t)

@@ -183,7 +183,7 @@ def load_split_images(config, split: str) -> tuple[np.ndarray, list[str]]:
   images, names = [], []
   for name, source in tokenize.source_folders(config, progress=False).items():
     folder = source[split] or (source["val"] if split == "test" else "")
-    if not folder:
+    if not folder or source.get("text_only"):
       continue
     data = folders.load(folder, config.data.image_size, config.data.square, config.data.on_bad_pair,
                         dicom_window=dicom.config_window(config.data))

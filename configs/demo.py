@@ -13,8 +13,11 @@ import ml_collections
 from configs import base
 
 
-def dataset_entry(prompt: str, weight: float = 1.0) -> ml_collections.ConfigDict:
-  return ml_collections.ConfigDict(dict(train="", val="", test="", prompt=prompt, weight=weight))
+def dataset_entry(prompt: str, weight: float = 1.0, text_only: bool = False) -> ml_collections.ConfigDict:
+  """One dataset's folders (data.name=folders), prompt and batch weight; ``text_only``: its train
+  folder holds reports without images (data/tokenize.py)."""
+  return ml_collections.ConfigDict(dict(train="", val="", test="", prompt=prompt, weight=weight,
+                                        text_only=text_only))
 
 
 def get_config(arg=None):
@@ -89,7 +92,7 @@ def get_config(arg=None):
     # (1.5x more report text than the 1,449 paired training reports): a sixth of each batch, taken
     # from pathology's share, so the chest pairs keep theirs (two thirds).
     config.data.demo_parts = "chest,pathology,chest_text"
-    config.data.datasets.chest_text = dataset_entry("chest x-ray.", weight=0.5)
+    config.data.datasets.chest_text = dataset_entry("chest x-ray.", weight=0.5)  # text-only: the part
     config.data.datasets.pathology.weight = 0.5
   if "long" in profiles:
     # docs/reading_study.md: with the whole target masked in half of the image->report and

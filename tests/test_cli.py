@@ -7,12 +7,13 @@ import sys
 
 import pytest
 
+from cli_env import cli_env
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def run_main(*args, timeout=280):
-  env = dict(os.environ, XLA_FLAGS="", JAX_PLATFORMS="cpu")
-  return subprocess.run([sys.executable, "-m", "medim_jax.main", *args], cwd=ROOT, env=env,
+  return subprocess.run([sys.executable, "-m", "medim_jax.main", *args], cwd=ROOT, env=cli_env(),
                         capture_output=True, text=True, timeout=timeout)
 
 
@@ -116,7 +117,8 @@ def test_main_job_runs_every_stage_on_folders_then_reuses_them(tmp_path):
   rows = (workdir / "eval" / "generated" / "image_to_report" / "samples.jsonl").read_text()
   assert len(rows.splitlines()) == 8
 
-  again = run_main(*common, "--mode", "all")  # every stage's output is there: nothing is redone
+  # Every stage's output is there: nothing is redone.
+  again = run_main(*common, "--mode", "all")
   assert again.returncode == 0, again.stderr[-3000:]
   assert "VQ tokenizer: reusing" in again.stdout and "Shards written" not in again.stdout
   assert again.stdout.count("reusing") >= 4 and "finding classifier (" not in again.stdout
@@ -127,7 +129,7 @@ def test_main_job_runs_every_stage_on_folders_then_reuses_them(tmp_path):
   study = subprocess.run(
       [sys.executable, "-m", "medim_jax.evaluation.demo.reading_study", *common[:4], "--steps", "4",
        *common[4:]],
-      cwd=ROOT, env=dict(os.environ, XLA_FLAGS="", JAX_PLATFORMS="cpu"), capture_output=True,
+      cwd=ROOT, env=cli_env(), capture_output=True,
       text=True, timeout=280)
   assert study.returncode == 0, study.stderr[-3000:]
   row = json.loads((workdir / "reading_study.json").read_text())["rows"][0]
@@ -142,7 +144,7 @@ def test_main_job_runs_every_stage_on_folders_then_reuses_them(tmp_path):
       [sys.executable, "-m", "medim_jax.bench.sampler_pareto", *common[:4], *common[4:],
        "--settings", "confidence:2::2,threshold:2:0", "--examples", "4",
        "--out", str(tmp_path / "pareto.json")],
-      cwd=ROOT, env=dict(os.environ, XLA_FLAGS="", JAX_PLATFORMS="cpu"), capture_output=True,
+      cwd=ROOT, env=cli_env(), capture_output=True,
       text=True, timeout=280)
   assert pareto.returncode == 0, pareto.stderr[-3000:]
   rows = json.loads((tmp_path / "pareto.json").read_text())["rows"]

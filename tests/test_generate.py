@@ -11,6 +11,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from cli_env import cli_env
+
 from medim_jax import errors, inference, jobs
 from tests.test_shards_and_pipeline import folders_config, make_folder
 
@@ -179,7 +181,7 @@ def tree_digest(folder):
 
 def test_the_command_writes_images_and_a_record_and_nothing_on_bad_input(run, tmp_path):
   root, workdir, _ = run
-  env = dict(os.environ, XLA_FLAGS="", JAX_PLATFORMS="cpu")
+  env = cli_env()
   command = lambda *args: subprocess.run(
       [sys.executable, "-m", "medim_jax.generate", "--workdir", workdir, *args],
       cwd=ROOT, env=env, capture_output=True, text=True, timeout=240)
@@ -242,7 +244,7 @@ jobs.run(config, workdir, "eval")
 def test_an_eval_killed_while_generating_reuses_only_the_tasks_it_finished(run):
   _, workdir, pipe = run
   generated = os.path.join(workdir, "eval", "generated")
-  env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="")
+  env = cli_env()
   command = [sys.executable, "-c", KILLABLE_EVAL, workdir]
   process = subprocess.Popen(command, cwd=ROOT, env=env, stdout=subprocess.DEVNULL,
                              stderr=subprocess.PIPE, text=True)

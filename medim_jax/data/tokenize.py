@@ -262,8 +262,8 @@ def tokenize(config, workdir: str, progress: bool = True) -> dict:
           for pair_name, text, image_codes in zip(chunk.names, chunk.texts, codes):
             ids = prompt_ids + text_tok.tokenize(text)
             if source.get("text_only") and len(ids) + 1 > layout.text_length:
-              # Cut, it would teach reports that run off the segment's end without an EOS; with
-              # no image to learn from, leaving it out costs nothing else.
+              # Cut short, it would teach reports that run off the segment without an end; and
+              # with no image beside it, leaving it out loses nothing else.
               left_out_long[name] += 1
               continue
             truncated += len(ids) + 1 > layout.text_length

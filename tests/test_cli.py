@@ -117,8 +117,7 @@ def test_main_job_runs_every_stage_on_folders_then_reuses_them(tmp_path):
   rows = (workdir / "eval" / "generated" / "image_to_report" / "samples.jsonl").read_text()
   assert len(rows.splitlines()) == 8
 
-  # Every stage's output is there: nothing is redone.
-  again = run_main(*common, "--mode", "all")
+  again = run_main(*common, "--mode", "all")  # every stage's output is there: nothing is redone
   assert again.returncode == 0, again.stderr[-3000:]
   assert "VQ tokenizer: reusing" in again.stdout and "Shards written" not in again.stdout
   assert again.stdout.count("reusing") >= 4 and "finding classifier (" not in again.stdout

@@ -81,23 +81,6 @@ def scan_reports(folder: str) -> list[tuple[str, None, str]]:
           for stem, ext in [os.path.splitext(entry)] if ext.lower() == ".txt"]
 
 
-def load_reports(reports, on_bad_pair: str = "skip", progress=None) -> FolderData:
-  """Read the reports of ``scan_reports``; an empty or non-UTF-8 one is skipped or raised, as
-  ``load_pairs`` does with pairs. ``images`` is empty: these reports have none."""
-  names, texts, skipped = [], [], []
-  for name, _, text_path in reports:
-    try:
-      texts.append(read_text(text_path))
-      names.append(name)
-    except BadPairError as e:
-      if on_bad_pair == "error":
-        raise
-      skipped.append(e)
-    if progress:
-      progress(1)
-  return FolderData("", names, np.zeros((0, 0, 0, 3), np.uint8), texts, skipped)
-
-
 def read_text(path: str) -> str:
   with open(path, "rb") as f:
     raw = f.read()
@@ -182,13 +165,17 @@ def load(folder: str, image_size: int, square: str = "pad", on_bad_pair: str = "
 
 def load_pairs(pairs, image_size: int, square: str = "pad", on_bad_pair: str = "skip",
                progress=None, dicom_window: tuple[float, float] | None = None) -> FolderData:
-  """Read (name, image path, text path) pairs; bad ones are skipped or raised (see ``load``)."""
+  """Read (name, image path, text path) pairs; bad ones are skipped or raised (see ``load``). An
+  image path of None is a report without an image (``scan_reports``): only its text is read, and
+  ``images`` holds the other pairs' images."""
   names, images, texts, skipped, displays = [], [], [], [], collections.Counter()
   for name, image_path, text_path in pairs:
     try:
       texts.append(read_text(text_path))
-      image, display = read_image_noting_display(image_path, image_size, square, dicom_window)
-      images.append(image)
+      display = None
+      if image_path is not None:
+        image, display = read_image_noting_display(image_path, image_size, square, dicom_window)
+        images.append(image)
       names.append(name)
       if display:
         displays[display] += 1

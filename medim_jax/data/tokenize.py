@@ -250,12 +250,10 @@ def tokenize(config, workdir: str, progress: bool = True) -> dict:
         records = rows.setdefault((name, split), [])
         pairs = split_pairs[name].get(split, [])
         for start in range(0, len(pairs), CHUNK):
+          chunk = _read(pairs[start:start + CHUNK], config, bar.update)
           if source.get("text_only"):
-            chunk = folders.load_reports(pairs[start:start + CHUNK], config.data.on_bad_pair,
-                                         bar.update)
             codes = [np.full(layout.image_length, shards.NO_IMAGE)] * len(chunk)
           else:
-            chunk = _read(pairs[start:start + CHUNK], config, bar.update)
             codes = image_tok.encode(chunk.images) if len(chunk) else []
           skipped += chunk.skipped
           dicom_display.update(chunk.dicom_display)

@@ -144,6 +144,9 @@ def get_config(arg=None):
   # > 0: residual 3x3 conv layers over the image tokens' grid before the backbone, a spatial prior
   # for a model trained from scratch on few images (models/image_stem.py; not in the original).
   config.model.image_conv_layers = 0
+  # Training only: dropout on each block's attention and MLP outputs (0 = none, as the original); a
+  # regulariser for the report side of a model trained from scratch (docs/reading_study.md).
+  config.model.dropout_rate = 0.0
 
   # Diffusion: forward process and loss.
   config.diffusion = ml_collections.ConfigDict()

@@ -305,3 +305,48 @@ def test_float32_activations_keep_the_residual_stream_float32_and_only_matmuls_b
   assert len(dots) > 20 and all([v.aval.dtype for v in e.invars] == [jnp.bfloat16] * 2 for e in dots)
   with pytest.raises(ValueError, match="activation_dtype"):
     helpers.tiny_config(activation_dtype="float64")
+
+
+def test_dropout_zeroes_elements_at_its_rate_and_keeps_the_mean():
+  x = jnp.ones((200, 500), jnp.float32)
+  dropped = np.asarray(transformer._dropout(x, 0.25, jax.random.PRNGKey(0)))
+  assert abs(np.mean(dropped == 0) - 0.25) < 0.01
+  np.testing.assert_allclose(dropped[dropped != 0], 1 / 0.75, rtol=1e-6)
+  assert abs(dropped.mean() - 1.0) < 0.02
+
+
+def test_dropout_acts_only_with_a_key_and_splits_it_the_same_way_under_scan():
+  params = helpers.tiny_model_functions().params
+
+  def bound(**overrides):  # the same weights in a model built with these settings
+    model = nnx.eval_shape(lambda: transformer.MeDiMTransformer(helpers.tiny_config(**overrides),
+                                                                rngs=nnx.Rngs(0)))
+    return nnx.merge(nnx.split(model)[0], params)
+
+  rng = np.random.default_rng(2)
+  tokens, sigma = helpers.random_tokens(rng, 2), jnp.asarray([0.3, 4.0])
+  key, other_key = jax.random.PRNGKey(7), jax.random.PRNGKey(8)
+  plain, dropping = bound(), bound(dropout_rate=0.3)
+  without = np.asarray(plain.hidden(tokens, sigma))
+  # Without a key (evaluation, sampling) the model is the one without dropout; a rate of 0
+  # ignores the key.
+  np.testing.assert_array_equal(np.asarray(dropping.hidden(tokens, sigma)), without)
+  np.testing.assert_array_equal(np.asarray(plain.hidden(tokens, sigma, None, key)), without)
+  dropped = np.asarray(dropping.hidden(tokens, sigma, None, key))
+  assert not np.allclose(dropped, without, atol=1e-3)
+  np.testing.assert_array_equal(np.asarray(dropping.hidden(tokens, sigma, None, key)), dropped)
+  assert not np.allclose(np.asarray(dropping.hidden(tokens, sigma, None, other_key)), dropped,
+                         atol=1e-3)
+  # Scanned layers draw each layer's mask from the same per-layer key as the loop.
+  num_layers = helpers.tiny_config().num_layers
+  stacked = dict(params, blocks=jax.tree.map(lambda *layers: jnp.stack(layers),
+                                             *[params["blocks"][i] for i in range(num_layers)]))
+  scan_model = nnx.eval_shape(lambda: transformer.MeDiMTransformer(
+      helpers.tiny_config(dropout_rate=0.3, scan_layers=True), rngs=nnx.Rngs(0)))
+  scanned = nnx.merge(nnx.split(scan_model)[0], stacked).hidden(tokens, sigma, None, key)
+  np.testing.assert_allclose(np.asarray(scanned), dropped, rtol=1e-5, atol=1e-5)
+
+
+def test_dropout_rate_outside_zero_to_one_is_a_clear_error():
+  with pytest.raises(ValueError, match="dropout_rate"):
+    helpers.tiny_config(dropout_rate=1.0)

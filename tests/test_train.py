@@ -93,6 +93,25 @@ def test_ema_follows_the_params(dataset):
     np.testing.assert_allclose(np.asarray(got), expected, rtol=1e-6, atol=1e-7)
 
 
+def test_dropout_changes_the_training_loss_only(dataset):
+  """Dropout draws its own key: the times and masks, validation and the rate-0 step stay as they were."""
+  plain = train.Trainer(tiny_config(), dataset.layout)
+  config = tiny_config()
+  config.model.dropout_rate = 0.3
+  dropping = train.Trainer(config, dataset.layout)
+  params = plain.init_state(0).params
+  batch = next(dataset.train_iterator(8, seed=0))
+  key = jax.random.PRNGKey(3)
+  loss = lambda trainer, training: jax.jit(trainer._loss, static_argnums=3)(params, batch, key,
+                                                                             training)[1]
+  without = loss(plain, True)
+  assert_trees_equal(loss(plain, False), without)  # at rate 0 the same either way
+  assert_trees_equal(loss(dropping, False), without)  # validation: no dropout
+  trained = loss(dropping, True)
+  assert float(trained["loss"]) != float(without["loss"])
+  assert float(trained["masked_fraction"]) == float(without["masked_fraction"])
+
+
 def test_bfloat16_first_moment_keeps_the_steps_close_to_float32(dataset):
   states = {}
   for mu_dtype in ("float32", "bfloat16"):

@@ -72,6 +72,10 @@ class TransformerConfig:
   # (models/image_stem.py). ``image_segment`` (start, length): where the image is in the tokens.
   image_conv_layers: int = 0
   image_segment: tuple[int, int] = ()
+  # Training only: the chance that an element of each block's attention and MLP output is zeroed
+  # (inverted dropout, before the AdaLN gate) when ``hidden`` gets a dropout key. Not in the
+  # original; a regulariser for a model trained from scratch on few reports.
+  dropout_rate: float = 0.0
 
   def __post_init__(self):
     if self.num_heads % self.num_kv_heads:
@@ -89,6 +93,8 @@ class TransformerConfig:
       raise ValueError(f"attention_impl must be one of {ATTENTION_IMPLS}, got {self.attention_impl!r}")
     if self.image_conv_layers and len(self.image_segment) != 2:
       raise ValueError("image_conv_layers > 0 needs image_segment (start, length) of the image tokens")
+    if not 0.0 <= self.dropout_rate < 1.0:
+      raise ValueError(f"dropout_rate must be in [0, 1), got {self.dropout_rate}")
 
   @classmethod
   def from_config(cls, model_config, vocab_size: int,
@@ -183,13 +189,27 @@ class Block(nnx.Module):
   def __call__(self, x, cond, positions, key_mask):
     return self.run(x, cond, positions, key_mask)[0]
 
-  def run(self, x, cond, positions, key_mask, context=None):
-    """(output, (k, v) of x's positions); ``context`` as in ``Attention.attend``."""
+  def run(self, x, cond, positions, key_mask, context=None, dropout_key=None):
+    """(output, (k, v) of x's positions); ``context`` as in ``Attention.attend``; ``dropout_key``:
+    drop elements of the attention and MLP outputs at cfg.dropout_rate (training)."""
     shift_a, scale_a, gate_a, shift_m, scale_m, gate_m = self.adaln(cond, self.cfg.activations)
     attended, kv = self.attn.attend(self.attn_norm(x) * (1 + scale_a) + shift_a, positions, key_mask,
                                     context)
+    mlp_key = None
+    if dropout_key is not None:
+      attention_key, mlp_key = jax.random.split(dropout_key)
+      attended = _dropout(attended, self.cfg.dropout_rate, attention_key)
     h = x + gate_a * attended
-    return h + gate_m * self.mlp(self.mlp_norm(h) * (1 + scale_m) + shift_m, self.cfg.compute_dtype), kv
+    mlp_out = self.mlp(self.mlp_norm(h) * (1 + scale_m) + shift_m, self.cfg.compute_dtype)
+    if mlp_key is not None:
+      mlp_out = _dropout(mlp_out, self.cfg.dropout_rate, mlp_key)
+    return h + gate_m * mlp_out, kv
+
+
+def _dropout(x: jax.Array, rate: float, key: jax.Array) -> jax.Array:
+  """Inverted dropout: each element zeroed with probability ``rate``, the rest scaled by 1/(1-rate)."""
+  keep = jax.random.bernoulli(key, 1.0 - rate, x.shape)
+  return jnp.where(keep, x / jnp.asarray(1.0 - rate, x.dtype), jnp.zeros((), x.dtype))
 
 
 def finding_names(model_config) -> tuple[str, ...]:
@@ -283,12 +303,15 @@ class MeDiMTransformer(nnx.Module):
     return jnp.dot(hidden, self.finding_head[...].astype(self.cfg.compute_dtype),
                    preferred_element_type=jnp.float32)
 
-  def hidden(self, tokens: jax.Array, sigma: jax.Array,
-             key_mask: jax.Array | None = None) -> jax.Array:
-    """The final-normed hidden states (B, L, d_model) both heads read."""
+  def hidden(self, tokens: jax.Array, sigma: jax.Array, key_mask: jax.Array | None = None,
+             dropout_key: jax.Array | None = None) -> jax.Array:
+    """The final-normed hidden states (B, L, d_model) both heads read. ``dropout_key`` (training):
+    dropout at cfg.dropout_rate in every block; None, or a rate of 0, runs without."""
     cond = self.time_embedder(sigma, self.cfg.compute_dtype)  # in float32 (the sinusoid's dtype)
     x, positions, key_mask = self._embed_sequence(tokens, key_mask)
-    x, _ = self._run_blocks(x, cond, positions, key_mask)
+    if self.cfg.dropout_rate == 0.0:
+      dropout_key = None
+    x, _ = self._run_blocks(x, cond, positions, key_mask, dropout_key=dropout_key)
     if self.markers is not None:
       x = self._remove_markers(x)
     return self.final_norm(x)
@@ -376,24 +399,29 @@ class MeDiMTransformer(nnx.Module):
     scaled = self.positions[...][start:stop] * math.sqrt(self.cfg.d_model)
     return scaled.astype(self.cfg.activations)[None]
 
-  def _run_blocks(self, x, cond, positions, key_mask, context=None, keep=None):
+  def _run_blocks(self, x, cond, positions, key_mask, context=None, keep=None, dropout_key=None):
     """The blocks over x: (x, what ``keep`` takes of each layer's (k, v), stacked over layers, or
-    None). ``context``: per layer (stacked) keys/values of positions outside x."""
-    def run_block(block, x, cond, positions, key_mask, layer_context):
-      x, kv = block.run(x, cond, positions, key_mask, layer_context)
+    None). ``context``: per layer (stacked) keys/values of positions outside x; ``dropout_key``:
+    split into one key per layer."""
+    def run_block(block, x, cond, positions, key_mask, layer_context, layer_key):
+      x, kv = block.run(x, cond, positions, key_mask, layer_context, layer_key)
       return x, (keep(kv) if keep else None)
 
+    layer_keys = (None if dropout_key is None else
+                  jax.random.split(dropout_key, self.cfg.num_layers))
     if self.cfg.remat_policy != "none":
       run_block = nnx.remat(run_block, policy=REMAT_POLICIES[self.cfg.remat_policy])
     if self.cfg.scan_layers:
       context_axis = None if context is None else 0
-      scanned = nnx.scan(run_block, in_axes=(0, nnx.Carry, None, None, None, context_axis),
+      key_axis = None if layer_keys is None else 0
+      scanned = nnx.scan(run_block, in_axes=(0, nnx.Carry, None, None, None, context_axis, key_axis),
                          out_axes=(nnx.Carry, 0))
-      return scanned(self.blocks, x, cond, positions, key_mask, context)
+      return scanned(self.blocks, x, cond, positions, key_mask, context, layer_keys)
     kept = []
     for i, block in enumerate(self.blocks):
       layer_context = None if context is None else jax.tree.map(lambda a: a[i], context)
-      x, layer_kept = run_block(block, x, cond, positions, key_mask, layer_context)
+      layer_key = None if layer_keys is None else layer_keys[i]
+      x, layer_kept = run_block(block, x, cond, positions, key_mask, layer_context, layer_key)
       kept.append(layer_kept)
     return x, (jax.tree.map(lambda *a: jnp.stack(a), *kept) if keep else None)
 

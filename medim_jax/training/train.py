@@ -25,6 +25,10 @@ from medim_jax.training.metric_writer import MetricWriter
 from medim_jax.training.optimizer import make_optimizer
 
 
+# fold_in(step key, this) is the dropout key: a stream apart from the time and mask keys' split.
+_DROPOUT_STREAM = 0xD0
+
+
 @flax.struct.dataclass
 class TrainState:
   step: jax.Array
@@ -181,7 +185,9 @@ class Trainer:
     with jax.set_mesh(self.mesh):
       return self._jit_eval_step(params, sharding.place_batch(batch, self.mesh), index)
 
-  def _loss(self, params, batch, key):
+  def _loss(self, params, batch, key, training: bool = True):
+    """The loss and its metrics; ``training``: with dropout (config.model.dropout_rate), whose key
+    is folded from ``key`` so the times and masks drawn are the same with and without it."""
     time_key, mask_key = jax.random.split(key)
     tokens = batch["tokens"]
     t = schedules.stratified_times(time_key, tokens.shape[0], self.config.diffusion.t_min,
@@ -194,7 +200,8 @@ class Trainer:
     module = self.model.bind(params)
     # Training on padding, every position is valid (data/pipeline.py): no key mask to apply.
     key_mask = None if self.config.data.train_on_padding else batch["valid"]
-    hidden = module.hidden(corrupted.noisy, sigma, key_mask)
+    dropout_key = jax.random.fold_in(key, _DROPOUT_STREAM) if training else None
+    hidden = module.hidden(corrupted.noisy, sigma, key_mask, dropout_key)
     segment_logits = [module.logits(hidden[:, positions], (lo, hi))
                       for positions, lo, hi in self.layout.segments()]
     nll, best = loss_lib.segment_target_nll(segment_logits, tokens, self.layout)
@@ -233,7 +240,8 @@ class Trainer:
 
   def _eval_step(self, params, batch, index):
     # A fixed key per eval batch, so validation losses are comparable across steps and runs.
-    return self._loss(params, batch, jax.random.fold_in(jax.random.PRNGKey(0), index))[1]
+    return self._loss(params, batch, jax.random.fold_in(jax.random.PRNGKey(0), index),
+                      training=False)[1]
 
   def evaluate(self, params, batches) -> dict[str, float]:
     totals = [self.eval_step(params, b, i) for i, b in enumerate(batches)]

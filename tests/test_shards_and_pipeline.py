@@ -254,17 +254,20 @@ def read_rows(paths):
 
 
 def test_a_text_only_dataset_adds_report_rows_and_leaves_the_paired_rows_as_they_were(
-    folder_root, shard_dir, tmp_path):
+    folder_root, shard_dir, tmp_path, capsys):
   reports = tmp_path / "reports"
   reports.mkdir()
   for i, text in enumerate(["clear lungs. no effusion.", "upper left nodule.",
                             "left " * 40, "opacity right lower."]):  # the third: too long
     (reports / f"r{i}.txt").write_text(text)
   (reports / "empty.txt").write_text("  ")
+  Image.new("L", (8, 8)).save(reports / "r1.png")  # said to be left unused, not an error
   config = folders_config(folder_root, str(tmp_path / "shards"))
   config.data.datasets.notes = dict(train=str(reports), prompt="chest x-ray.", weight=1.0,
                                     text_only=True)
   manifest = tokenize.tokenize(config, "unused", progress=False)
+  assert f"{reports}: dataset 'notes' is text_only, so its 1 image file(s) are not used" in (
+      capsys.readouterr().out)
   assert manifest["counts"]["notes"] == {"train": 3, "val": 0, "test": 0}
   assert manifest["text_only_left_out_too_long"] == {"notes": 1}
   assert any("empty.txt: report is empty" in line for line in manifest["skipped"])
@@ -295,4 +298,12 @@ def test_a_text_only_dataset_adds_report_rows_and_leaves_the_paired_rows_as_they
     config.data.datasets[name].update(dict(text_only=True, val="", test=""))
   config.data.datasets.notes.test = ""
   with pytest.raises(errors.InputError, match="every configured dataset .* is text_only"):
+    tokenize.tokenize(config, "unused", progress=False)
+
+  no_reports = tmp_path / "no_reports"
+  no_reports.mkdir()
+  config = folders_config(folder_root, str(tmp_path / "shards_empty"))
+  config.data.datasets.notes = dict(train=str(no_reports), text_only=True)
+  with pytest.raises(errors.InputError, match=f"{no_reports}: no usable reports \\(NAME.txt\\) for "
+                                              "text-only training dataset 'notes'"):
     tokenize.tokenize(config, "unused", progress=False)

@@ -38,14 +38,18 @@ SPLITS = ("train", "val", "test")
 CHEST_SPLIT_FRACTIONS = {"val": 0.1, "test": 0.1}
 
 
+def parts(data_cfg) -> tuple[str, ...]:
+  """config.data.demo_parts ("chest,pathology") as a tuple of known part names."""
+  names = tuple(p.strip() for p in data_cfg.demo_parts.split(",") if p.strip())
+  if set(names) - set(PARTS) or not names:
+    raise ValueError(f"config.data.demo_parts must name some of {PARTS}, got {data_cfg.demo_parts!r}")
+  return names
+
+
 def settings(data_cfg) -> dict:
   """Everything the built files depend on; its hash names the cache folder."""
-  parts = tuple(p.strip() for p in data_cfg.demo_parts.split(",") if p.strip())
-  unknown = set(parts) - set(PARTS)
-  if unknown or not parts:
-    raise ValueError(f"config.data.demo_parts must name some of {PARTS}, got {data_cfg.demo_parts!r}")
   return {"version": BUILDER_VERSION, "seed": int(data_cfg.demo_seed),
-          "image_size": int(data_cfg.image_size), "parts": list(parts),
+          "image_size": int(data_cfg.image_size), "parts": list(parts(data_cfg)),
           "chest_train_renders": chest_train_renders(data_cfg),
           "pathology_counts": {s: int(data_cfg.demo_pathology_counts[s]) for s in SPLITS}}
 

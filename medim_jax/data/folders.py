@@ -81,6 +81,11 @@ def scan_reports(folder: str) -> list[tuple[str, None, str]]:
           for stem, ext in [os.path.splitext(entry)] if ext.lower() == ".txt"]
 
 
+def count_images(folder: str) -> int:
+  """How many image files (IMAGE_EXTENSIONS) ``folder`` holds."""
+  return sum(os.path.splitext(entry)[1].lower() in IMAGE_EXTENSIONS for entry in os.listdir(folder))
+
+
 def read_text(path: str) -> str:
   with open(path, "rb") as f:
     raw = f.read()

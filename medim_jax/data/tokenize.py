@@ -55,7 +55,7 @@ def source_folders(config, progress: bool = True, workdir: str | None = None) ->
   elif data.name == "medim_demo":
     from medim_jax.data import demo
     root = demo.build(data, progress=progress)
-    for part in demo.settings(data)["parts"]:
+    for part in demo.parts(data):
       options = data.datasets.get(part, {})
       text_only = part in demo.TEXT_ONLY_PARTS
       sources[part] = {"prompt": options.get("prompt", ""), "weight": options.get("weight", 1.0),
@@ -115,7 +115,12 @@ def _split_pairs(source: dict, name: str, val_fraction: float) -> tuple[dict, li
   """{split: pairs} with val carved from train (by a hash of the file name) when not given; a
   text-only dataset's "pairs" are (name, None, text path) and all train."""
   if source.get("text_only"):
-    return {"train": folders.scan_reports(source["train"])}, []
+    reports = folders.scan_reports(source["train"])
+    images = folders.count_images(source["train"])
+    if images:
+      print(f"{source['train']}: dataset {name!r} is text_only, so its {images} image file(s) are "
+            "not used")
+    return {"train": reports}, []
   pairs, skipped = {}, []
   for split in SPLITS:
     if source[split]:
@@ -207,8 +212,10 @@ def tokenize(config, workdir: str, progress: bool = True) -> dict:
     skipped += missing
     if not split_pairs[name]["train"]:
       first = f"; first problem: {missing[0]}" if missing else ""
-      raise folders.BadPairError(f"{source['train']}: no usable image + report pairs (NAME.png|jpg "
-                                 f"with NAME.txt) for training dataset {name!r}{first}", "empty")
+      wanted = ("reports (NAME.txt) for text-only" if source.get("text_only") else
+                "image + report pairs (NAME.png|jpg with NAME.txt) for")
+      raise folders.BadPairError(f"{source['train']}: no usable {wanted} training dataset "
+                                 f"{name!r}{first}", "empty")
   if skipped and config.data.on_bad_pair == "error":
     raise skipped[0]
 

@@ -384,7 +384,8 @@ def evaluate(config, tokenizer, out_dir: str, train_images) -> dict:
             "patch_kmeans_stand_in": {**quality(stand_in_recon),
                                       **code_statistics(stand_in.encode(test_images),
                                                         stand_in.codebook_size)}}
-  if config.data.name == "medim_demo" and "chest" in config.data.demo_parts:
+  from medim_jax.data import demo
+  if config.data.name == "medim_demo" and "chest" in demo.parts(config.data):
     from medim_jax.data import demo_chest
     from medim_jax.evaluation.demo import finding_visibility
     phantom = demo_chest.ChestPhantom.from_ct(*demo_chest.ct_paths())

@@ -28,6 +28,7 @@ import optax
 from flax import nnx
 
 from medim_jax import errors, progress, visualize
+from medim_jax.data import demo
 from medim_jax.models import vq
 from medim_jax.tokenizers import image as image_tokenizers
 from medim_jax.training import checkpointing, loss_watch, metric_writer, preemption
@@ -384,7 +385,6 @@ def evaluate(config, tokenizer, out_dir: str, train_images) -> dict:
             "patch_kmeans_stand_in": {**quality(stand_in_recon),
                                       **code_statistics(stand_in.encode(test_images),
                                                         stand_in.codebook_size)}}
-  from medim_jax.data import demo
   if config.data.name == "medim_demo" and "chest" in demo.parts(config.data):
     from medim_jax.data import demo_chest
     from medim_jax.evaluation.demo import finding_visibility

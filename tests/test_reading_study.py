@@ -86,6 +86,36 @@ def test_more_draws_sample_only_the_seeds_a_row_lacks_and_average_them(tmp_path,
   assert json.loads(out.read_text())["rows"][0]["sample seeds"] == [0, 1, 2, 3]
 
 
+def test_held_out_losses_use_the_standard_forward_process_whatever_the_run_trained_with(
+    tmp_path, monkeypatch):
+  from types import SimpleNamespace
+  from medim_jax import sample
+  from medim_jax.data import build
+  from medim_jax.evaluation.demo import reading_probe
+  from medim_jax.training import train
+  seen = []
+
+  class Trainer:
+    def __init__(self, config, layout):
+      seen.append(config.diffusion.whole_target_prob)
+
+    def evaluate(self, params, batches):
+      return {"text_loss": 1.5, "image_loss": 3.5}
+
+  dataset = SimpleNamespace(layout=None, eval_batches=lambda batch_size, count: [])
+  monkeypatch.setattr(build, "build_dataset", lambda config, workdir: dataset)
+  monkeypatch.setattr(train, "Trainer", Trainer)
+  monkeypatch.setattr(sample, "load_sampling_params", lambda *args: (None, None))
+  monkeypatch.setattr(reading_probe, "probe", lambda *args, **kwargs: {
+      "model": {"opacity": 0.6}, "positives": {"opacity": 16}})
+  monkeypatch.setattr(reading_study, "sample_and_score", lambda *args: fake_draw(0))
+  config = demo.get_config()
+  config.diffusion.whole_target_prob = 0.5  # as the run was trained
+  row = reading_study.measure(config, str(tmp_path), 3000, draws=1)
+  assert seen == [0.0] and config.diffusion.whole_target_prob == 0.5
+  assert (row["held-out text loss"], row["held-out image loss"]) == (1.5, 3.5)
+
+
 def test_a_row_from_before_the_ranked_retrieval_gets_it_without_sampling_again(tmp_path,
                                                                               monkeypatch):
   from medim_jax.data import build

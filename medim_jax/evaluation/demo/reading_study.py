@@ -50,6 +50,8 @@ def measure(config, workdir: str, step: int, examples: int = 180, draws: int = 1
     config.eval.update(split="val", datasets="chest", examples_per_dataset=examples,
                        tasks="image_to_report,report_to_image", checkpoint_step=step,
                        report_metrics=False, export_synthetic="")
+    # Every run's held-out loss under the same forward process, whatever its training used.
+    config.diffusion.whole_target_prob = 0.0
   dataset = data_build.build_dataset(config, workdir)
   if row is None:
     trainer = train.Trainer(config, dataset.layout)

@@ -150,8 +150,8 @@ class PoisonedDataset:
 def poison_loss(monkeypatch):
   clean_loss = train.Trainer._loss
 
-  def loss(self, params, batch, key):
-    value, metrics = clean_loss(self, params, batch, key)
+  def loss(self, params, batch, key, training=True):
+    value, metrics = clean_loss(self, params, batch, key, training)
     poison = batch.get("poison", 1.0)
     return value * poison, dict(metrics, loss=metrics["loss"] * poison)
 
